@@ -1,0 +1,141 @@
+"""Qwen3-MoE (`Qwen3MoeForCausalLM`): GQA with per-head q/k RMSNorm, softmax top-k routing.
+
+Legend: T tokens, H hidden, Hq query heads, Hkv KV heads, D head dim, E experts, K top-k.
+KV cache entry per token and layer: [2, Hkv, D] (key, value).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from workers.models.attention import AttentionMetadata, attend, gather_context, write_kv
+from workers.models.base import CausalLM
+from workers.models.layers import MLP, RMSNorm, apply_rotary, rotary_cos_sin
+from workers.models.rope import rope_from_config
+from workers.moe.experts import RoutedExperts
+from workers.moe.gating import softmax_topk
+
+__all__ = ["GQAttention", "Qwen3MoeForCausalLM", "SoftmaxMoE"]
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention over the paged cache; optional per-head q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, config, qk_norm: bool) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or h // self.num_heads
+        bias = bool(getattr(config, "attention_bias", False))
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.scale = self.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        cache: torch.Tensor,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+        write_kv(cache, meta, torch.stack((k, v), dim=1))  # cache [S, 2, Hkv, D]
+        ctx = gather_context(cache, meta)  # [B, L, 2, Hkv, D]
+        out = attend(q, ctx[:, :, 0], ctx[:, :, 1], meta, self.scale)  # [T, Hq, D]
+        return self.o_proj(out.reshape(t, -1))
+
+
+class SoftmaxMoE(nn.Module):
+    """Softmax top-k routed experts (Qwen-MoE, Mixtral)."""
+
+    def __init__(self, config, num_experts: int, owned: Sequence[int], renormalize: bool) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.renormalize = renormalize
+        self.gate = nn.Linear(config.hidden_size, num_experts, bias=False)
+        self.experts = RoutedExperts(
+            num_experts, owned, config.hidden_size, config.moe_intermediate_size
+            if hasattr(config, "moe_intermediate_size") else config.intermediate_size,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = softmax_topk(self.gate(x), self.top_k, self.renormalize)  # [T, K]
+        return self.experts(x, ids, weights.to(x.dtype))
+
+
+class _Layer(nn.Module):
+    def __init__(self, config, mlp: nn.Module) -> None:
+        super().__init__()
+        self.self_attn = GQAttention(config, qk_norm=True)
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos_sin, meta, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Body(nn.Module):
+    def __init__(self, config, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen3MoeForCausalLM(CausalLM):
+    def __init__(self, config, owned_experts: Sequence[int] | None = None) -> None:
+        super().__init__(config, owned_experts)
+        _reject_sliding_window(config)
+        owned = self.owned(config.num_experts)
+        layers = []
+        for i in range(config.num_hidden_layers):
+            sparse = i not in (config.mlp_only_layers or []) and config.num_experts > 0 and (
+                (i + 1) % config.decoder_sparse_step == 0
+            )
+            mlp = (
+                SoftmaxMoE(config, config.num_experts, owned, bool(config.norm_topk_prob))
+                if sparse
+                else MLP(config.hidden_size, config.intermediate_size)
+            )
+            layers.append(_Layer(config, mlp))
+        self.model = _Body(config, layers)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        attn = layers[0].self_attn
+        self.num_layers = config.num_hidden_layers
+        self.vocab_size = config.vocab_size
+        self.kv_token_shape = (2, attn.num_kv_heads, attn.head_dim)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.rope = rope_from_config(config, attn.head_dim)
+
+    def forward(self, input_ids, meta, kv_cache):
+        x = self.model.embed_tokens(input_ids)  # [T, H]
+        cos_sin = rotary_cos_sin(meta.positions, self.rope.inv_freq, self.rope.scaling, x.dtype)
+        for layer, cache in zip(self.model.layers, kv_cache, strict=True):
+            x = layer(x, cos_sin, meta, cache)
+        return self.model.norm(x)
+
+
+def _reject_sliding_window(config) -> None:
+    window = getattr(config, "sliding_window", None)
+    used = getattr(config, "use_sliding_window", window is not None)
+    if window is not None and used and window < config.max_position_embeddings:
+        raise NotImplementedError(
+            f"sliding_window={window} is not supported yet; set sliding_window to null in "
+            "config.json (full attention) to serve this checkpoint"
+        )
