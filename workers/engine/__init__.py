@@ -1,0 +1,16 @@
+"""Per-rank engine: paged KV cache, continuous batching, sampling, detokenization."""
+
+from workers.engine.engine import Engine, EngineConfig, EngineStats, RequestOutput
+from workers.engine.params import InvalidRequestError, QueueFullError, SamplingParams
+from workers.engine.scheduler import SchedulerConfig
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "InvalidRequestError",
+    "QueueFullError",
+    "RequestOutput",
+    "SamplingParams",
+    "SchedulerConfig",
+]

@@ -1,0 +1,268 @@
+"""The per-rank engine: paged KV cache + continuous batching scheduler + model + sampler.
+
+One `step()` schedules a batch, runs the model once over all its new tokens (prefill chunks and
+decodes together), samples one token for each sequence that reached the end of its known tokens,
+applies stop rules and returns what changed. Not thread-safe: one thread drives an engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.engine.block_manager import BlockManager
+from workers.engine.detokenizer import IncrementalDetokenizer
+from workers.engine.params import InvalidRequestError, SamplingParams
+from workers.engine.sampler import sample
+from workers.engine.scheduler import Scheduler, SchedulerConfig
+from workers.engine.sequence import Sequence as Seq
+from workers.models.attention import AttentionMetadata
+from workers.models.base import CausalLM
+
+__all__ = ["Engine", "EngineConfig", "EngineStats", "RequestOutput"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # None: as many as fit in kv_cache_bytes
+    kv_cache_bytes: int = 512 << 20  # KV cache budget when num_kv_blocks is None
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    seed: int = 0  # seeds the generator shared by unseeded sampling requests
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # all generated tokens so far
+    text: str  # all generated text so far (stop string cut off)
+    new_token_ids: list[int]  # tokens added by this step
+    new_text: str  # text released by this step (held back while it may start a stop string)
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_queued_prompt_tokens: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_preemptions: int
+
+
+@dataclass(eq=False)
+class _Tracked:
+    seq: Seq
+    detok: IncrementalDetokenizer | None
+    emitted_chars: int = 0
+    emitted_tokens: int = 0
+
+
+class Engine:
+    def __init__(
+        self,
+        model: CausalLM,
+        config: EngineConfig | None = None,
+        tokenizer=None,
+        eos_token_ids: Iterable[int] = (),
+    ) -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.vocab_size = model.vocab_size
+        self.max_model_len = self.config.max_model_len or model.config.max_position_embeddings
+        per_token = 1
+        for d in model.kv_token_shape:
+            per_token *= d
+        bs = self.config.block_size
+        num_blocks = self.config.num_kv_blocks or max(
+            1, self.config.kv_cache_bytes // (model.num_layers * bs * per_token * param.element_size())
+        )
+        self.blocks = BlockManager(num_blocks, bs)
+        self.kv_cache = [  # one tensor per layer: [S, *kv_token_shape]
+            torch.zeros(num_blocks * bs, *model.kv_token_shape, dtype=self.dtype, device=self.device)
+            for _ in range(model.num_layers)
+        ]
+        self.scheduler = Scheduler(self.config.scheduler, self.blocks)
+        self._requests: dict[str, _Tracked] = {}
+        self._arrivals = itertools.count()
+        self._generator = torch.Generator().manual_seed(self.config.seed)
+
+    # --- requests ----------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        params: SamplingParams,
+        prompt: str | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+    ) -> None:
+        """Validate and queue a request. Raises InvalidRequestError or QueueFullError."""
+        if request_id in self._requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        ids = self.encode(prompt, prompt_token_ids)
+        params.validate(self.vocab_size)
+        seq = Seq(request_id, ids, params, arrival=next(self._arrivals))
+        if params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(params.seed)
+        detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer else None
+        self.scheduler.add(seq)
+        self._requests[request_id] = _Tracked(seq, detok)
+
+    def encode(self, prompt: str | None, prompt_token_ids: Sequence[int] | None) -> list[int]:
+        """The prompt as token ids, checked against the vocabulary and the context length."""
+        if (prompt is None) == (prompt_token_ids is None):
+            raise InvalidRequestError("prompt", "give exactly one of prompt or prompt_token_ids")
+        if prompt is not None:
+            if not prompt:
+                raise InvalidRequestError("prompt", "is empty; give at least one character")
+            if self.tokenizer is None:
+                raise InvalidRequestError(
+                    "prompt", "this checkpoint has no tokenizer files; send prompt_token_ids"
+                )
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
+            field_name = "prompt"
+        else:
+            ids = [int(t) for t in prompt_token_ids or ()]
+            field_name = "prompt_token_ids"
+        if not ids:
+            raise InvalidRequestError(field_name, "is empty; give at least one token")
+        for i, t in enumerate(ids):
+            if not 0 <= t < self.vocab_size:
+                raise InvalidRequestError(
+                    "prompt_token_ids",
+                    f"token id {t} at index {i} is outside the vocabulary [0, {self.vocab_size})",
+                )
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                field_name,
+                f"{len(ids)} tokens leave no room to generate within the context length "
+                f"{self.max_model_len}; shorten the prompt",
+            )
+        if -(-(len(ids) + 1) // self.blocks.block_size) > self.blocks.num_blocks:
+            raise InvalidRequestError(
+                field_name, f"{len(ids)} tokens do not fit in this rank's KV cache; shorten it"
+            )
+        return ids
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks. True if it was known and unfinished."""
+        tracked = self._requests.pop(request_id, None)
+        if tracked is None or tracked.seq.finished:
+            return False
+        self.scheduler.finish(tracked.seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_queued_prompt_tokens=self.scheduler.num_queued_prompt_tokens,
+            kv_blocks_used=self.blocks.num_used,
+            kv_blocks_total=self.blocks.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    # --- stepping ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        meta = AttentionMetadata.build(
+            [b.seq.num_computed for b in batch],
+            [b.num_new for b in batch],
+            [b.seq.block_table for b in batch],
+            self.blocks.block_size,
+            self.device,
+        )
+        ids = [
+            t for b in batch for t in b.seq.token_slice(b.seq.num_computed, b.seq.num_computed + b.num_new)
+        ]
+        hidden = self.model(torch.tensor(ids, device=self.device), meta, self.kv_cache)  # [T, H]
+        rows = [i for i, b in enumerate(batch) if b.samples]
+        for b in batch:
+            b.seq.num_computed += b.num_new
+        if not rows:
+            return []
+        logits = self.model.compute_logits(hidden[meta.last_token_index[rows]])  # [N, V]
+        seqs = [batch[i].seq for i in rows]
+        tokens, logprobs = sample(
+            logits, [s.params for s in seqs], [s.generator for s in seqs], self._generator
+        )
+        return [self._append(s, t, lp) for s, t, lp in zip(seqs, tokens, logprobs, strict=True)]
+
+    def _append(self, seq: Seq, token: int, logprobs: dict[int, float] | None) -> RequestOutput:
+        tracked = self._requests[seq.request_id]
+        p = seq.params
+        seq.output_token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        reason: str | None = None
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        elif tracked.detok is not None:
+            seq.text += tracked.detok.add(token)
+            reason = self._cut_stop_string(seq)
+        if reason is None and (
+            len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self._requests[seq.request_id]
+        hold = 0 if reason or not p.stop else max(len(s) for s in p.stop) - 1
+        visible = len(seq.text) - hold
+        new_text = seq.text[tracked.emitted_chars : max(visible, tracked.emitted_chars)]
+        tracked.emitted_chars += len(new_text)
+        new_ids = seq.output_token_ids[tracked.emitted_tokens :]
+        tracked.emitted_tokens = len(seq.output_token_ids)
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids),
+            text=seq.text,
+            new_token_ids=new_ids,
+            new_text=new_text,
+            finished=reason is not None,
+            finish_reason=reason,
+            logprobs=list(seq.logprobs) if p.logprobs is not None else None,
+        )
+
+    @staticmethod
+    def _cut_stop_string(seq: Seq) -> str | None:
+        hits = [at for s in seq.params.stop if (at := seq.text.find(s)) >= 0]
+        if not hits:
+            return None
+        seq.text = seq.text[: min(hits)]
+        return "stop"
+
+    def generate(
+        self, requests: Sequence[tuple[str | Sequence[int], SamplingParams]]
+    ) -> list[RequestOutput]:
+        """Run prompts (text or token ids) to completion together; outputs in input order."""
+        ids = [f"offline-{next(self._arrivals)}" for _ in requests]
+        for rid, (prompt, params) in zip(ids, requests, strict=True):
+            if isinstance(prompt, str):
+                self.add_request(rid, params, prompt=prompt)
+            else:
+                self.add_request(rid, params, prompt_token_ids=prompt)
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[r] for r in ids]

@@ -1,0 +1,117 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Each step forms one batch under a token budget: running sequences first (oldest first; a decode
+is one token, an unfinished prompt continues with its next chunk), then waiting sequences are
+admitted while the budget, the sequence limit and free KV blocks allow. When a running sequence
+cannot get a block, the newest running sequence is preempted: its blocks are freed and it goes
+back to the front of the queue to recompute its prompt and the tokens generated so far.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from workers.engine.block_manager import BlockManager
+from workers.engine.params import QueueFullError
+from workers.engine.sequence import Sequence, SequenceStatus
+
+__all__ = ["ScheduledSeq", "Scheduler", "SchedulerConfig"]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256  # sequences in one batch at most
+    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
+    max_waiting: int = 4096  # bounded waiting queue; beyond it add() raises QueueFullError
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new: int  # tokens computed for `seq` in this step
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the sequence's known tokens."""
+        return self.seq.num_computed + self.num_new == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    @property
+    def num_queued_prompt_tokens(self) -> int:
+        return sum(s.num_tokens - s.num_computed for s in self.waiting)
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(
+                f"waiting queue is full ({self.config.max_waiting} requests); retry later"
+            )
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.config.max_num_batched_tokens
+        batch: list[ScheduledSeq] = []
+        preempted = False
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self.blocks.can_allocate(seq, seq.num_computed + n):
+                victim = max(self.running, key=lambda s: s.arrival)
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            self.blocks.allocate(seq, seq.num_computed + n)
+            batch.append(ScheduledSeq(seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and not preempted:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.blocks.can_allocate(seq, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq, seq.num_computed + n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.append(ScheduledSeq(seq, n))
+            budget -= n
+        return batch
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark `seq` finished (stop/length/abort) and release its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
