@@ -87,11 +87,15 @@ class Engine:
             per_token *= d
         bs = self.config.block_size
         num_blocks = self.config.num_kv_blocks or max(
-            1, self.config.kv_cache_bytes // (model.num_layers * bs * per_token * param.element_size())
+            1,
+            self.config.kv_cache_bytes
+            // (model.num_layers * bs * per_token * param.element_size()),
         )
         self.blocks = BlockManager(num_blocks, bs)
         self.kv_cache = [  # one tensor per layer: [S, *kv_token_shape]
-            torch.zeros(num_blocks * bs, *model.kv_token_shape, dtype=self.dtype, device=self.device)
+            torch.zeros(
+                num_blocks * bs, *model.kv_token_shape, dtype=self.dtype, device=self.device
+            )
             for _ in range(model.num_layers)
         ]
         self.scheduler = Scheduler(self.config.scheduler, self.blocks)
@@ -190,7 +194,9 @@ class Engine:
             self.device,
         )
         ids = [
-            t for b in batch for t in b.seq.token_slice(b.seq.num_computed, b.seq.num_computed + b.num_new)
+            t
+            for b in batch
+            for t in b.seq.token_slice(b.seq.num_computed, b.seq.num_computed + b.num_new)
         ]
         hidden = self.model(torch.tensor(ids, device=self.device), meta, self.kv_cache)  # [T, H]
         rows = [i for i, b in enumerate(batch) if b.samples]

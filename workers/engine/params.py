@@ -73,5 +73,6 @@ class SamplingParams:
             for t in self.stop_token_ids:
                 if not 0 <= t < vocab_size:
                     raise InvalidRequestError(
-                        "stop_token_ids", f"token id {t} is outside the vocabulary [0, {vocab_size})"
+                        "stop_token_ids",
+                        f"token id {t} is outside the vocabulary [0, {vocab_size})",
                     )

@@ -82,15 +82,14 @@ class AttentionMetadata:
         seq_of_token = torch.repeat_interleave(torch.arange(b), new_t)  # [T]
         row_in_seq = torch.arange(int(new_t.sum())) - starts[seq_of_token]  # [T]
         token_index = seq_of_token * q + row_in_seq  # [T]
-        to = {"device": device}
         return AttentionMetadata(
-            positions=torch.as_tensor(positions, dtype=torch.int64).to(**to),
-            slot_mapping=torch.as_tensor(slots, dtype=torch.int64).to(**to),
-            context_slots=context_slots.to(**to),
-            query_index=query_index.to(**to),
-            token_index=token_index.to(**to),
-            mask=mask[:, None].to(**to),
-            last_token_index=(starts + new_t - 1).to(**to),
+            positions=torch.as_tensor(positions, dtype=torch.int64).to(device),
+            slot_mapping=torch.as_tensor(slots, dtype=torch.int64).to(device),
+            context_slots=context_slots.to(device),
+            query_index=query_index.to(device),
+            token_index=token_index.to(device),
+            mask=mask[:, None].to(device),
+            last_token_index=(starts + new_t - 1).to(device),
         )
 
 

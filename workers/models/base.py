@@ -3,8 +3,8 @@
 A model is built from a transformers config plus the routed experts this rank owns, is filled
 from checkpoint tensors by name, and runs one engine step over a flat batch of new tokens:
 
-    hidden = model(input_ids [T], meta, kv_cache)     # kv_cache: one tensor per layer [S, *kv_token_shape]
-    logits = model.compute_logits(hidden[rows])       # [N, V] fp32
+    hidden = model(input_ids [T], meta, kv_cache)  # kv_cache: per layer [S, *kv_token_shape]
+    logits = model.compute_logits(hidden[rows])  # [N, V] fp32
 
 Parameter names are the HF checkpoint names, except routed experts (stacked per rank, see
 `workers.moe.experts.RoutedExperts`), so `checkpoint_tensors()` can be derived from the module tree.

@@ -62,14 +62,25 @@ class GQAttention(nn.Module):
 class SoftmaxMoE(nn.Module):
     """Softmax top-k routed experts (Qwen-MoE, Mixtral)."""
 
-    def __init__(self, config, num_experts: int, owned: Sequence[int], renormalize: bool) -> None:
+    def __init__(
+        self,
+        config,
+        num_experts: int,
+        owned: Sequence[int],
+        renormalize: bool,
+        experts_cls: type[RoutedExperts] = RoutedExperts,  # sets the checkpoint names
+    ) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.renormalize = renormalize
         self.gate = nn.Linear(config.hidden_size, num_experts, bias=False)
-        self.experts = RoutedExperts(
-            num_experts, owned, config.hidden_size, config.moe_intermediate_size
-            if hasattr(config, "moe_intermediate_size") else config.intermediate_size,
+        self.experts = experts_cls(
+            num_experts,
+            owned,
+            config.hidden_size,
+            config.moe_intermediate_size
+            if hasattr(config, "moe_intermediate_size")
+            else config.intermediate_size,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,8 +116,10 @@ class Qwen3MoeForCausalLM(CausalLM):
         owned = self.owned(config.num_experts)
         layers = []
         for i in range(config.num_hidden_layers):
-            sparse = i not in (config.mlp_only_layers or []) and config.num_experts > 0 and (
-                (i + 1) % config.decoder_sparse_step == 0
+            sparse = (
+                i not in (config.mlp_only_layers or [])
+                and config.num_experts > 0
+                and ((i + 1) % config.decoder_sparse_step == 0)
             )
             mlp = (
                 SoftmaxMoE(config, config.num_experts, owned, bool(config.norm_topk_prob))

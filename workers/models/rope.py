@@ -63,5 +63,7 @@ def rope_from_config(config, dim: int) -> Rope:
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
     pos_freqs = base**exponents
     extrapolation = 1 - ramp  # share of the unscaled frequency per dimension
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (
+        1.0 / pos_freqs
+    ) * extrapolation
     return Rope(inv_freq, float(attention_factor))

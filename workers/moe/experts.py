@@ -23,7 +23,7 @@ class RoutedExperts(nn.Module):
     ) -> None:
         super().__init__()
         owned = sorted(set(owned))
-        if owned and not (0 <= owned[0] and owned[-1] < num_experts):
+        if owned and not (owned[0] >= 0 and owned[-1] < num_experts):
             raise ValueError(f"owned experts must lie in [0, {num_experts}), got {owned}")
         self.num_experts = num_experts
         self.owned: list[int] = owned
@@ -33,7 +33,8 @@ class RoutedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(len(owned), hidden, intermediate))
         expert_map = torch.full((num_experts,), -1, dtype=torch.int64)
         expert_map[owned] = torch.arange(len(owned))
-        self.register_buffer("expert_map", expert_map, persistent=False)  # [E] global -> local
+        self.expert_map: torch.Tensor  # [E] global id -> local index, -1 if owned elsewhere
+        self.register_buffer("expert_map", expert_map, persistent=False)
 
     def checkpoint_names(self, prefix: str) -> dict[str, tuple[int, ...]]:
         """Per-expert checkpoint tensor names (and shapes) this rank needs."""

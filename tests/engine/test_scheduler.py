@@ -1,0 +1,80 @@
+"""Scheduler and block manager decisions on plain sequences (no model)."""
+
+import pytest
+
+from workers.engine.block_manager import BlockManager
+from workers.engine.params import QueueFullError, SamplingParams
+from workers.engine.scheduler import Scheduler, SchedulerConfig
+from workers.engine.sequence import Sequence, SequenceStatus
+
+
+def _seq(i: int, n: int) -> Sequence:
+    return Sequence(f"r{i}", list(range(1, n + 1)), SamplingParams(max_tokens=4), arrival=i)
+
+
+def _run_step(sched: Scheduler) -> dict[str, int]:
+    """Schedule, then pretend the model ran: advance and sample a token where due."""
+    batch = sched.schedule()
+    for b in batch:
+        samples = b.samples
+        b.seq.num_computed += b.num_new
+        if samples:
+            b.seq.output_token_ids.append(7)
+    return {b.seq.request_id: b.num_new for b in batch}
+
+
+def test_chunked_prefill_respects_token_budget_and_decodes_join():
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=8), BlockManager(64, 4))
+    sched.add(_seq(0, 3))
+    assert _run_step(sched) == {"r0": 3}
+    sched.add(_seq(1, 20))  # long prompt arrives while r0 decodes
+    assert _run_step(sched) == {"r0": 1, "r1": 7}
+    assert _run_step(sched) == {"r0": 1, "r1": 7}
+    assert _run_step(sched) == {"r0": 1, "r1": 6}  # last chunk; r1 samples now
+    assert _run_step(sched) == {"r0": 1, "r1": 1}
+
+
+def test_preemption_frees_blocks_and_recomputes_newest():
+    blocks = BlockManager(4, 4)  # 16 token slots in all
+    sched = Scheduler(SchedulerConfig(), blocks)
+    sched.add(_seq(0, 7))
+    sched.add(_seq(1, 7))
+    assert _run_step(sched) == {"r0": 7, "r1": 7}
+    assert blocks.num_free == 0
+    _run_step(sched)  # both decode in their second block: fits (8 tokens each)
+    step = _run_step(sched)  # 9th token needs a 3rd block: the newest (r1) is preempted
+    assert step == {"r0": 1}
+    r1 = sched.waiting[0]
+    assert r1.request_id == "r1" and r1.status is SequenceStatus.WAITING and r1.num_computed == 0
+    assert r1.block_table == [] and sched.num_preemptions == 1
+    assert blocks.num_used == 3
+
+
+def test_finish_returns_every_block():
+    blocks = BlockManager(8, 4)
+    sched = Scheduler(SchedulerConfig(), blocks)
+    seqs = [_seq(i, 5) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    _run_step(sched)
+    assert blocks.num_used == 6
+    for s in seqs:
+        sched.finish(s, "stop")
+    assert blocks.num_used == 0 and sched.num_unfinished == 0
+    assert all(s.finish_reason == "stop" for s in seqs)
+
+
+def test_waiting_queue_is_bounded():
+    sched = Scheduler(SchedulerConfig(max_waiting=2), BlockManager(8, 4))
+    sched.add(_seq(0, 3))
+    sched.add(_seq(1, 3))
+    with pytest.raises(QueueFullError, match="full"):
+        sched.add(_seq(2, 3))
+
+
+def test_max_num_seqs_caps_the_batch():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2), BlockManager(64, 4))
+    for i in range(4):
+        sched.add(_seq(i, 2))
+    assert set(_run_step(sched)) == {"r0", "r1"}
+    assert len(sched.waiting) == 2

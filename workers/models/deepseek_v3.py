@@ -1,0 +1,215 @@
+"""DeepSeek-V3/R1 (`DeepseekV3ForCausalLM`): multi-head latent attention (MLA) + DeepSeekMoE.
+
+Legend: T tokens, H hidden, N heads, C kv_lora_rank (latent), R qk_rope_head_dim,
+Dn qk_nope_head_dim, Dv v_head_dim, B sequences, L context, S cache slots, E experts, K top-k.
+KV cache entry per token and layer: [C + R], the compressed latent (after kv_a_layernorm) then the
+roped key shared by all heads. Each step expands the gathered latents with kv_b_proj into per-head
+k_nope / v (expansion, not weight absorption: it keeps the numerics closest to transformers).
+Multi-token-prediction layers (`num_nextn_predict_layers`, stored as layer `num_hidden_layers`)
+are not built, so `checkpoint_tensors()` never asks for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.models.attention import AttentionMetadata, attend, gather_context, write_kv
+from workers.models.base import CausalLM
+from workers.models.layers import (
+    MLP,
+    RMSNorm,
+    apply_rotary,
+    apply_rotary_interleaved,
+    rotary_cos_sin,
+)
+from workers.models.rope import rope_from_config, rope_params, yarn_mscale
+from workers.moe.experts import RoutedExperts
+from workers.moe.gating import grouped_sigmoid_topk
+
+__all__ = ["DeepseekMoE", "DeepseekV3ForCausalLM", "MLAttention"]
+
+
+def softmax_scale(config, qk_head_dim: int) -> float:
+    """qk_head_dim^-0.5, times mscale^2 under YaRN with `mscale_all_dim` (transformers'
+    `yarn_apply_mscale`): the cos/sin carry the other part of YaRN's attention factor."""
+    scale = qk_head_dim**-0.5
+    params = rope_params(config)
+    kind = params.get("rope_type", params.get("type")) or "default"
+    mscale_all_dim = params.get("mscale_all_dim") or 0
+    if kind != "default" and mscale_all_dim:
+        factor = params.get("factor") or (
+            config.max_position_embeddings / params["original_max_position_embeddings"]
+        )
+        scale *= yarn_mscale(factor, mscale_all_dim) ** 2
+    return scale
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention over a paged cache of compressed latents."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        h, n = config.hidden_size, config.num_attention_heads
+        self.num_heads = n
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        qk_dim = self.nope_dim + self.rope_dim
+        bias = bool(getattr(config, "attention_bias", False))
+        # The latent norms use RMSNorm's default eps (1e-6), not rms_norm_eps, like transformers.
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, n * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, n * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, n * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(n * self.v_dim, h, bias=bias)
+        interleave = bool(getattr(config, "rope_interleave", True))
+        self.rotary: Callable = apply_rotary_interleaved if interleave else apply_rotary
+        self.scale = softmax_scale(config, qk_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        cache: torch.Tensor,
+    ) -> torch.Tensor:
+        t, n, c = x.shape[0], self.num_heads, self.kv_lora_rank
+        qk_dim = self.nope_dim + self.rope_dim
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rope = q.view(t, n, qk_dim).split([self.nope_dim, self.rope_dim], dim=-1)
+        q = torch.cat((q_nope, self.rotary(q_rope, *cos_sin)), dim=-1)  # [T, N, Dn + R]
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([c, self.rope_dim], dim=-1)
+        k_rope = self.rotary(k_rope[:, None], *cos_sin)[:, 0]  # [T, R]
+        write_kv(cache, meta, torch.cat((self.kv_a_layernorm(latent), k_rope), dim=-1))  # [S, C+R]
+        ctx = gather_context(cache, meta)  # [B, L, C + R]
+        b, l = ctx.shape[:2]
+        kv = self.kv_b_proj(ctx[..., :c]).view(b, l, n, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # [B, L, N, Dn], [B, L, N, Dv]
+        k_pe = ctx[:, :, None, c:].expand(b, l, n, self.rope_dim)  # [B, L, N, R]
+        k = torch.cat((k_nope, k_pe), dim=-1)  # [B, L, N, Dn + R]
+        out = attend(q, k, v, meta, self.scale)  # [T, N, Dv]
+        return self.o_proj(out.reshape(t, -1))
+
+
+class _Router(nn.Module):
+    """Router weight [E, H] and the fp32 selection bias `e_score_correction_bias` [E].
+
+    The bias is a parameter (so it is part of the derived checkpoint contract) that stays fp32
+    whatever dtype the model is cast to (transformers keeps it fp32 too): bf16 keeps ~3
+    significant digits, coarser than the gaps between the biased scores it ranks, so rounding it
+    would change which experts are selected. `_apply` backs `.to()`, `.half()`, `.cuda()`...:
+    it may move the bias to another device, but when it changed the dtype we put the original
+    fp32 values back (a buffer would be cast the same way, and is not a checkpoint parameter).
+    """
+
+    def __init__(self, hidden: int, num_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        bias = torch.zeros(num_experts, dtype=torch.float32)
+        self.e_score_correction_bias = nn.Parameter(bias, requires_grad=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        before = self.e_score_correction_bias.data
+        super()._apply(fn, recurse)
+        after = self.e_score_correction_bias.data
+        if after.dtype != torch.float32:
+            self.e_score_correction_bias.data = before.to(after.device)
+        return self
+
+
+class DeepseekMoE(nn.Module):
+    """Grouped sigmoid top-k routed experts (this rank's share) plus always-on shared experts."""
+
+    def __init__(self, config, owned: Sequence[int]) -> None:
+        super().__init__()
+        h, num_experts = config.hidden_size, config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.num_groups = config.n_group or 1
+        self.topk_groups = config.topk_group or 1
+        self.renormalize = bool(config.norm_topk_prob)
+        self.scaling = float(config.routed_scaling_factor)
+        self.gate = _Router(h, num_experts)
+        self.experts = RoutedExperts(num_experts, owned, h, config.moe_intermediate_size)
+        shared = config.n_shared_experts or 0
+        self.shared_experts = MLP(h, config.moe_intermediate_size * shared) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x.float(), self.gate.weight.float())  # [T, E] fp32 like transformers
+        ids, weights = grouped_sigmoid_topk(
+            logits,
+            self.gate.e_score_correction_bias,
+            self.top_k,
+            self.num_groups,
+            self.topk_groups,
+            self.renormalize,
+            self.scaling,
+        )  # [T, K]
+        out = self.experts(x, ids, weights)  # [T, H]
+        return out if self.shared_experts is None else out + self.shared_experts(x)
+
+
+class _Layer(nn.Module):
+    def __init__(self, config, mlp: nn.Module) -> None:
+        super().__init__()
+        self.self_attn = MLAttention(config)
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos_sin, meta, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Body(nn.Module):
+    def __init__(self, config, layers: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DeepseekV3ForCausalLM(CausalLM):
+    def __init__(self, config, owned_experts: Sequence[int] | None = None) -> None:
+        super().__init__(config, owned_experts)
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise NotImplementedError(f"hidden_act={act!r} is not supported; only 'silu' is")
+        owned = self.owned(config.n_routed_experts)
+        dense = config.first_k_dense_replace or 0
+        layers = [
+            _Layer(
+                config,
+                DeepseekMoE(config, owned)
+                if i >= dense
+                else MLP(config.hidden_size, config.intermediate_size),
+            )
+            for i in range(config.num_hidden_layers)
+        ]
+        self.model = _Body(config, layers)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.num_layers = config.num_hidden_layers
+        self.vocab_size = config.vocab_size
+        self.kv_token_shape = (config.kv_lora_rank + config.qk_rope_head_dim,)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.rope = rope_from_config(config, config.qk_rope_head_dim)
+
+    def forward(self, input_ids, meta, kv_cache):
+        x = self.model.embed_tokens(input_ids)  # [T, H]
+        cos_sin = rotary_cos_sin(meta.positions, self.rope.inv_freq, self.rope.scaling, x.dtype)
+        for layer, cache in zip(self.model.layers, kv_cache, strict=True):
+            x = layer(x, cos_sin, meta, cache)
+        return self.model.norm(x)
