@@ -38,8 +38,10 @@ def test_same_seed_same_tokens_regardless_of_batch():
     default = torch.Generator().manual_seed(0)
     gens = [torch.Generator().manual_seed(7) for _ in range(3)]
     batched = sample(logits, params, gens, default)[0]
-    alone = [sample(logits[i : i + 1], params[:1], [torch.Generator().manual_seed(7)], default)[0]
-             for i in range(3)]
+    alone = [
+        sample(logits[i : i + 1], params[:1], [torch.Generator().manual_seed(7)], default)[0]
+        for i in range(3)
+    ]
     assert batched == [a[0] for a in alone]
 
 
