@@ -109,16 +109,19 @@ def attend(
     """Causal attention of the step's queries over each sequence's context.
 
     q [T, Hq, Dk] (new tokens), k [B, L, Hkv, Dk], v [B, L, Hkv, Dv] (whole contexts, already
-    including this step's tokens) -> [T, Hq, Dv]. Hq must be a multiple of Hkv (GQA).
+    including this step's tokens) -> [T, Hq, Dv]. Hq must be a multiple of Hkv (GQA): query head
+    h reads KV head h // G (G = Hq / Hkv), as in transformers' repeat_kv. The G query heads of
+    one KV head are folded into the query axis instead of copying K/V G times.
     """
-    b, _, hkv, _ = k.shape
-    hq = q.shape[1]
-    qp = q[meta.query_index].transpose(1, 2)  # [B, Hq, Q, Dk]
-    kt = k.transpose(1, 2)  # [B, Hkv, L, Dk]
-    vt = v.transpose(1, 2)  # [B, Hkv, L, Dv]
-    if hq != hkv:
-        kt = kt.repeat_interleave(hq // hkv, dim=1)
-        vt = vt.repeat_interleave(hq // hkv, dim=1)
-    out = F.scaled_dot_product_attention(qp, kt, vt, attn_mask=meta.mask, scale=scale)
-    out = out.transpose(1, 2)  # [B, Q, Hq, Dv]
-    return out.reshape(b * out.shape[1], hq, out.shape[-1])[meta.token_index]
+    b, _, hkv, dk = k.shape
+    hq, dv = q.shape[1], v.shape[-1]
+    g = hq // hkv
+    qp = q[meta.query_index]  # [B, Q, Hq, Dk]
+    nq = qp.shape[1]
+    qg = qp.view(b, nq, hkv, g, dk).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * nq, dk)
+    mask = meta.mask if g == 1 else meta.mask.repeat(1, 1, g, 1)  # [B, 1, G*Q, L]
+    out = F.scaled_dot_product_attention(
+        qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+    )  # [B, Hkv, G*Q, Dv]
+    out = out.view(b, hkv, g, nq, dv).permute(0, 3, 1, 2, 4).reshape(b * nq, hq, dv)
+    return out[meta.token_index]
