@@ -47,8 +47,13 @@ def run_transformers(path: Path, prompts: list[list[int]], new: int):
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-            do_sample=False, pad_token_id=None, eos_token_id=None,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=None,
+            eos_token_id=None,
         )
     elapsed = time.perf_counter() - start
     return elapsed, out[:, ids.shape[1] :].tolist()
@@ -74,15 +79,23 @@ def main() -> None:
         gc.collect()
         t_hf, theirs = run_transformers(path, prompts, args.new_tokens)
         gc.collect()
-        same = sum(a == b for x, y in zip(ours, theirs, strict=True) for a, b in zip(x, y))
-        rows.append((arch, param_count(arch, "bench") / 1e6, total / t_ours, total / t_hf, same, total))
-    print(f"\n{args.prompts} prompts x {args.prompt_len} prompt tokens x {args.new_tokens} new "
-          f"tokens, greedy, fp32, torch threads={torch.get_num_threads()}")
+        same = sum(
+            a == b for x, y in zip(ours, theirs, strict=True) for a, b in zip(x, y, strict=True)
+        )
+        rows.append(
+            (arch, param_count(arch, "bench") / 1e6, total / t_ours, total / t_hf, same, total)
+        )
+    print(
+        f"\n{args.prompts} prompts x {args.prompt_len} prompt tokens x {args.new_tokens} new "
+        f"tokens, greedy, fp32, torch threads={torch.get_num_threads()}"
+    )
     print("| arch | params (M) | ours tok/s | transformers tok/s | ratio | tokens equal |")
     print("|---|---|---|---|---|---|")
     for arch, params, ours_tps, hf_tps, same, total in rows:
-        print(f"| {arch} | {params:.0f} | {ours_tps:.1f} | {hf_tps:.1f} | "
-              f"{ours_tps / hf_tps:.2f}x | {same}/{total} |")
+        print(
+            f"| {arch} | {params:.0f} | {ours_tps:.1f} | {hf_tps:.1f} | "
+            f"{ours_tps / hf_tps:.2f}x | {same}/{total} |"
+        )
 
 
 if __name__ == "__main__":
