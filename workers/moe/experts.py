@@ -17,6 +17,13 @@ from torch import nn
 __all__ = ["RoutedExperts"]
 
 
+def _use_padded(counts: list[int]) -> bool:
+    """counts [El] rows per owned expert. Few rows each (decode): one padded bmm over all owned
+    experts beats a loop of tiny matmuls, but it streams every expert's weights, so only when
+    most of them are busy. Measured crossover on CPU fp32: about 48 rows per expert."""
+    return max(counts) <= 48 and 3 * sum(n > 0 for n in counts) >= 2 * len(counts)
+
+
 class RoutedExperts(nn.Module):
     def __init__(
         self, num_experts: int, owned: Sequence[int], hidden: int, intermediate: int
@@ -60,24 +67,65 @@ class RoutedExperts(nn.Module):
         """x [T, H], topk_ids [T, K] global ids, topk_weights [T, K] -> [T, H]: the weighted sum
         over this rank's experts only (experts owned elsewhere contribute nothing here)."""
         t, k = topk_ids.shape
-        out = torch.zeros_like(x)
-        if t == 0 or not self.owned:
-            return out
-        local = self.expert_map[topk_ids].flatten()  # [T*K]
-        pairs = torch.nonzero(local >= 0).squeeze(1)  # [N] flat (token, k) positions
-        order = pairs[torch.argsort(local[pairs], stable=True)]  # [N] grouped by expert
-        counts = torch.bincount(local[order], minlength=len(self.owned)).tolist()
-        tokens = order // k  # [N]
-        xs = x[tokens]  # [N, H]
-        ys = torch.empty_like(xs)
+        el = len(self.owned)
+        if t == 0 or el == 0:
+            return torch.zeros_like(x)
+        local = self.expert_map[topk_ids].flatten()  # [T*K] local expert, -1 if owned elsewhere
+        local, order = torch.sort(local, stable=True)  # order: [T*K] flat (token, k) positions
+        counts = torch.bincount(local + 1, minlength=el + 1).tolist()  # [1 + El]; [0]: not ours
+        local, order, counts = local[counts[0] :], order[counts[0] :], counts[1:]  # [N], [N], [El]
+        cap = max(counts)
+        if cap == 0:
+            return torch.zeros_like(x)
+        tokens = order // k  # [N], grouped by expert
+        w = topk_weights.flatten().index_select(0, order).to(x.dtype)  # [N]
+        if _use_padded(counts):
+            return self._padded(x, local, tokens, w, counts, cap)
+        return self._looped(x, tokens, w, counts)
+
+    def _swiglu(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """h [..., 2I] (gate, up), w broadcastable to [..., 1] -> silu(gate) * up * w [..., I],
+        computed in place in h's gate half (weighting before the down projection: I <= H)."""
         i = self.intermediate
+        return F.silu(h[..., :i], inplace=True).mul_(h[..., i:]).mul_(w)
+
+    def _looped(
+        self, x: torch.Tensor, tokens: torch.Tensor, w: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor:
+        """One expert at a time, gather -> FFN -> scatter, so temporaries stay cache-sized."""
+        out = torch.zeros_like(x)  # [T, H]
+        w13, w2 = self.w13.transpose(1, 2), self.w2.transpose(1, 2)  # [El, H, 2I], [El, I, H]
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            h = F.linear(xs[start : start + n], self.w13[e])  # [n, 2I]
-            h = F.silu(h[:, :i]) * h[:, i:]
-            ys[start : start + n] = F.linear(h, self.w2[e])
+            tok = tokens[start : start + n]  # [n]
+            g = self._swiglu(torch.mm(x.index_select(0, tok), w13[e]), w[start : start + n, None])
+            out.index_add_(0, tok, torch.mm(g, w2[e]))  # g [n, I] -> [n, H]
             start += n
-        ys = ys * topk_weights.flatten()[order, None].to(ys.dtype)
-        return out.index_add_(0, tokens, ys)
+        return out
+
+    def _padded(
+        self,
+        x: torch.Tensor,
+        local: torch.Tensor,
+        tokens: torch.Tensor,
+        w: torch.Tensor,
+        counts: list[int],
+        cap: int,
+    ) -> torch.Tensor:
+        """All owned experts as one batch of `cap` rows each. Spare slots read a zero row and
+        carry weight 0; they scatter into a dump row T that is dropped."""
+        (t, h), el = x.shape, len(self.owned)
+        dev = x.device
+        n = torch.tensor(counts, device=dev)  # [El]
+        first = (n.cumsum(0) - n)[local]  # [N] first slot of each pair's expert
+        rank = torch.arange(len(tokens), device=dev) - first  # [N] position in its expert
+        slot = local * cap + rank  # [N] -> [El*cap]
+        src = torch.full((el * cap,), t, dtype=torch.int64, device=dev).index_copy_(0, slot, tokens)
+        ws = w.new_zeros(el * cap, 1).index_copy_(0, slot, w[:, None])  # [El*cap, 1]
+        xs = torch.cat([x, x.new_zeros(1, h)]).index_select(0, src)  # [El*cap, H]
+        hs = torch.bmm(xs.view(el, cap, h), self.w13.transpose(1, 2))  # [El, cap, 2I]
+        g = self._swiglu(hs, ws.view(el, cap, 1))  # [El, cap, I]
+        ys = torch.bmm(g, self.w2.transpose(1, 2)).view(el * cap, h)
+        return x.new_zeros(t + 1, h).index_add_(0, src, ys)[:t]
