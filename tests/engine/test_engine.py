@@ -150,3 +150,23 @@ def test_bad_prompts_name_the_field(ckpt, kwargs, field, words):
         engine.add_request("x", GREEDY, **kwargs)
     assert err.value.field == field
     assert engine.stats().num_waiting == 0
+
+
+def test_checkpoint_without_tokenizer_takes_token_ids(tmp_path):
+    from cluster.tiny import make_tiny
+
+    path = make_tiny("mixtral", tmp_path / "no-tok", seed=1, tokenizer=False)
+    assert not (path / "tokenizer.json").exists()
+    engine = build_engine(path)
+    out = engine.generate([([4, 5, 6], GREEDY)])[0]
+    assert len(out.token_ids) == 20 and out.text == ""
+    with pytest.raises(InvalidRequestError, match="no tokenizer") as err:
+        engine.add_request("t", GREEDY, prompt="hello")
+    assert err.value.field == "prompt"
+
+
+def test_bfloat16_engine_generates(tiny_checkpoint):
+    engine = build_engine(tiny_checkpoint("deepseek_v3"), dtype="bfloat16")
+    assert engine.dtype == torch.bfloat16 and engine.kv_cache[0].dtype == torch.bfloat16
+    out = engine.generate([([7, 8, 9, 10], GREEDY)])[0]
+    assert len(out.token_ids) == 20 and engine.stats().kv_blocks_used == 0

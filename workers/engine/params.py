@@ -6,7 +6,7 @@ the same sentences: each error names the field and says how to fix it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = ["InvalidRequestError", "QueueFullError", "SamplingParams"]
 
@@ -37,7 +37,6 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra stop tokens besides EOS
     ignore_eos: bool = False  # keep generating past EOS
     logprobs: int | None = None  # None: off; n >= 0: sampled token's logprob + top n
-    extra: dict = field(default_factory=dict, compare=False)  # reserved for front doors
 
     @property
     def greedy(self) -> bool:

@@ -3,8 +3,9 @@
 Legend: T tokens, H hidden, N heads, C kv_lora_rank (latent), R qk_rope_head_dim,
 Dn qk_nope_head_dim, Dv v_head_dim, B sequences, L context, S cache slots, E experts, K top-k.
 KV cache entry per token and layer: [C + R], the compressed latent (after kv_a_layernorm) then the
-roped key shared by all heads. Each step expands the gathered latents with kv_b_proj into per-head
-k_nope / v (expansion, not weight absorption: it keeps the numerics closest to transformers).
+roped key shared by all heads. Attention runs in latent space (kv_b_proj absorbed into the
+query and the output), so the cached context is never expanded per head: fp32 results match
+transformers' expanded form to rounding (the parity tests hold them to it).
 Multi-token-prediction layers (`num_nextn_predict_layers`, stored as layer `num_hidden_layers`)
 are not built, so `checkpoint_tensors()` never asks for them.
 """
@@ -90,17 +91,17 @@ class MLAttention(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_rope = q.view(t, n, qk_dim).split([self.nope_dim, self.rope_dim], dim=-1)
-        q = torch.cat((q_nope, self.rotary(q_rope, *cos_sin)), dim=-1)  # [T, N, Dn + R]
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([c, self.rope_dim], dim=-1)
         k_rope = self.rotary(k_rope[:, None], *cos_sin)[:, 0]  # [T, R]
         write_kv(cache, meta, torch.cat((self.kv_a_layernorm(latent), k_rope), dim=-1))  # [S, C+R]
-        ctx = gather_context(cache, meta)  # [B, L, C + R]
-        b, l = ctx.shape[:2]
-        kv = self.kv_b_proj(ctx[..., :c]).view(b, l, n, self.nope_dim + self.v_dim)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # [B, L, N, Dn], [B, L, N, Dv]
-        k_pe = ctx[:, :, None, c:].expand(b, l, n, self.rope_dim)  # [B, L, N, R]
-        k = torch.cat((k_nope, k_pe), dim=-1)  # [B, L, N, Dn + R]
-        out = attend(q, k, v, meta, self.scale)  # [T, N, Dv]
+        ctx = gather_context(cache, meta)[:, :, None]  # [B, L, 1, C + R]: one shared KV head
+        # Weight absorption: q_nope . (W_uk c) = (q_nope W_uk) . c and sum_l a_l W_uv c_l =
+        # W_uv sum_l a_l c_l, so attention runs in latent space and the context is never expanded.
+        w_uk, w_uv = self.kv_b_proj.weight.view(n, -1, c).split([self.nope_dim, self.v_dim], 1)
+        q_latent = torch.einsum("tnd,ndc->tnc", q_nope, w_uk)  # [T, N, C]
+        q = torch.cat((q_latent, self.rotary(q_rope, *cos_sin)), dim=-1)  # [T, N, C + R]
+        out = attend(q, ctx, ctx[..., :c], meta, self.scale)  # [T, N, C]
+        out = torch.einsum("tnc,nvc->tnv", out, w_uv)  # [T, N, Dv]
         return self.o_proj(out.reshape(t, -1))
 
 
