@@ -15,6 +15,7 @@ import torch
 
 from workers.engine.block_manager import BlockManager
 from workers.engine.detokenizer import IncrementalDetokenizer
+from workers.engine.inputs import PromptLimits, encode_prompt
 from workers.engine.params import InvalidRequestError, SamplingParams
 from workers.engine.sampler import sample
 from workers.engine.scheduler import Scheduler, SchedulerConfig
@@ -92,6 +93,7 @@ class Engine:
             // (model.num_layers * bs * per_token * param.element_size()),
         )
         self.blocks = BlockManager(num_blocks, bs)
+        self.limits = PromptLimits(self.vocab_size, self.max_model_len, num_blocks * bs - 1)
         self.kv_cache = [  # one tensor per layer: [S, *kv_token_shape]
             torch.zeros(
                 num_blocks * bs, *model.kv_token_shape, dtype=self.dtype, device=self.device
@@ -124,40 +126,8 @@ class Engine:
         self._requests[request_id] = _Tracked(seq, detok)
 
     def encode(self, prompt: str | None, prompt_token_ids: Sequence[int] | None) -> list[int]:
-        """The prompt as token ids, checked against the vocabulary and the context length."""
-        if (prompt is None) == (prompt_token_ids is None):
-            raise InvalidRequestError("prompt", "give exactly one of prompt or prompt_token_ids")
-        if prompt is not None:
-            if not prompt:
-                raise InvalidRequestError("prompt", "is empty; give at least one character")
-            if self.tokenizer is None:
-                raise InvalidRequestError(
-                    "prompt", "this checkpoint has no tokenizer files; send prompt_token_ids"
-                )
-            ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
-            field_name = "prompt"
-        else:
-            ids = [int(t) for t in prompt_token_ids or ()]
-            field_name = "prompt_token_ids"
-        if not ids:
-            raise InvalidRequestError(field_name, "is empty; give at least one token")
-        for i, t in enumerate(ids):
-            if not 0 <= t < self.vocab_size:
-                raise InvalidRequestError(
-                    "prompt_token_ids",
-                    f"token id {t} at index {i} is outside the vocabulary [0, {self.vocab_size})",
-                )
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                field_name,
-                f"{len(ids)} tokens leave no room to generate within the context length "
-                f"{self.max_model_len}; shorten the prompt",
-            )
-        if -(-(len(ids) + 1) // self.blocks.block_size) > self.blocks.num_blocks:
-            raise InvalidRequestError(
-                field_name, f"{len(ids)} tokens do not fit in this rank's KV cache; shorten it"
-            )
-        return ids
+        """The prompt as token ids, checked against the vocabulary, context and KV capacity."""
+        return encode_prompt(self.tokenizer, self.limits, prompt, prompt_token_ids)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks. True if it was known and unfinished."""
@@ -182,9 +152,15 @@ class Engine:
 
     # --- stepping ----------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self) -> list[RequestOutput]:
+    def step(self, participate: bool = False) -> list[RequestOutput]:
+        """Run one batch. `participate`: this rank is in an expert-parallel group whose other
+        ranks are stepping, so with nothing to run it still runs an empty forward (zero tokens)
+        to take its part in every MoE layer's collectives."""
         batch = self.scheduler.schedule()
         if not batch:
+            if participate:
+                empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+                self.model(empty, AttentionMetadata.empty(self.device), self.kv_cache)
             return []
         meta = AttentionMetadata.build(
             [b.seq.num_computed for b in batch],

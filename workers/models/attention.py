@@ -41,6 +41,20 @@ class AttentionMetadata:
         return int(self.context_slots.shape[0])
 
     @staticmethod
+    def empty(device: torch.device | str = "cpu") -> AttentionMetadata:
+        """A step with no tokens: an idle rank still runs its MoE layers' collectives."""
+        none = torch.zeros(0, dtype=torch.int64, device=device)
+        return AttentionMetadata(
+            positions=none,
+            slot_mapping=none,
+            context_slots=none.view(0, 0),
+            query_index=none.view(0, 0),
+            token_index=none,
+            mask=torch.zeros(0, 1, 0, 0, dtype=torch.bool, device=device),
+            last_token_index=none,
+        )
+
+    @staticmethod
     def build(
         num_cached: Sequence[int],
         num_new: Sequence[int],

@@ -49,6 +49,12 @@ class CausalLM(nn.Module):
     def owned(self, num_experts: int) -> list[int]:
         return list(range(num_experts)) if self.owned_experts is None else list(self.owned_experts)
 
+    def set_dispatcher(self, dispatcher) -> None:
+        """Route every MoE layer's tokens through `dispatcher` (expert parallelism); None: local."""
+        for index, module in enumerate(m for m in self.modules() if isinstance(m, RoutedExperts)):
+            module.dispatcher = dispatcher
+            module.layer_index = index
+
     # --- checkpoint contract -------------------------------------------------------------
     def checkpoint_tensors(self) -> dict[str, tuple[int, ...]]:
         """Every checkpoint tensor this rank needs, with its expected shape."""

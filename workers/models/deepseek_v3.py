@@ -85,6 +85,8 @@ class MLAttention(nn.Module):
         cache: torch.Tensor,
     ) -> torch.Tensor:
         t, n, c = x.shape[0], self.num_heads, self.kv_lora_rank
+        if t == 0:  # empty lockstep step: nothing to attend
+            return torch.zeros_like(x)
         qk_dim = self.nope_dim + self.rope_dim
         if self.q_lora_rank is None:
             q = self.q_proj(x)

@@ -47,6 +47,8 @@ class GQAttention(nn.Module):
         cache: torch.Tensor,
     ) -> torch.Tensor:
         t = x.shape[0]
+        if t == 0:  # empty lockstep step: nothing to attend
+            return torch.zeros_like(x)
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]

@@ -9,6 +9,7 @@ Checkpoints store them per expert (`{prefix}.{e}.gate_proj.weight` ...); see `ch
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,8 @@ class RoutedExperts(nn.Module):
         expert_map[owned] = torch.arange(len(owned))
         self.expert_map: torch.Tensor  # [E] global id -> local index, -1 if owned elsewhere
         self.register_buffer("expert_map", expert_map, persistent=False)
+        self.dispatcher: Any = None  # see forward; set for the whole model by set_dispatcher
+        self.layer_index = 0  # this MoE layer's position among the model's MoE layers
 
     def checkpoint_names(self, prefix: str) -> dict[str, tuple[int, ...]]:
         """Per-expert checkpoint tensor names (and shapes) this rank needs."""
@@ -62,6 +65,21 @@ class RoutedExperts(nn.Module):
             self.w2[local].copy_(tensors[f"{prefix}.{e}.down_proj.weight"])
 
     def forward(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """x [T, H], topk_ids [T, K], topk_weights [T, K] -> [T, H]: the MoE output of this
+        rank's tokens. Without a dispatcher this rank must own every expert it is routed to.
+        With one (expert parallelism) each token travels once to every rank owning one of its
+        experts, each rank computes its experts' share, and the shares are summed back here.
+        Collective: every rank of the group calls this for every MoE layer, in the same order,
+        every step, even with T = 0."""
+        if self.dispatcher is None:
+            return self.compute(x, topk_ids, topk_weights)
+        d = self.dispatcher.dispatch(x, topk_ids, topk_weights, layer=self.layer_index)
+        y = self.compute(d.recv_x, d.recv_topk_ids, d.recv_topk_weights)  # [R, H]
+        return self.dispatcher.combine(y, d.handle)
+
+    def compute(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
         """x [T, H], topk_ids [T, K] global ids, topk_weights [T, K] -> [T, H]: the weighted sum

@@ -1,0 +1,60 @@
+"""Lockstep stepping for the ranks of one expert-parallel group.
+
+Every MoE layer is a collective, so all ranks of a group must run each step together. Before each
+step the ranks agree on whether any of them has work (one tiny all-reduce); if so every rank
+steps, a rank without work running an empty step (zero tokens dispatched). When the whole group
+is idle, `Lockstep.step` returns None and the caller backs off (`IdleBackoff`) instead of
+spinning: the dev and CI machines have 2 cores.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from workers.engine.engine import Engine, RequestOutput
+
+__all__ = ["IdleBackoff", "Lockstep", "any_rank_has_work"]
+
+
+def any_rank_has_work(has_work: bool, group=None) -> bool:
+    """Collective: True if any rank of `group` has work. Every rank must call it each step."""
+    flag = torch.tensor([1 if has_work else 0], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())
+
+
+class Lockstep:
+    def __init__(self, engine: Engine, group=None) -> None:
+        self.engine = engine
+        self.group = group
+
+    def step(self) -> list[RequestOutput] | None:
+        """One group step: outputs of this rank, or None when no rank of the group has work."""
+        if not any_rank_has_work(self.engine.has_unfinished(), self.group):
+            return None
+        return self.engine.step(participate=True)
+
+    def run_until_idle(self) -> list[RequestOutput]:
+        """Step until every rank's requests are done; returns this rank's finished outputs."""
+        finished: list[RequestOutput] = []
+        while (outputs := self.step()) is not None:
+            finished += [o for o in outputs if o.finished]
+        return finished
+
+
+class IdleBackoff:
+    """Sleep between idle polls, growing from `min_s` to `max_s`; reset when work appears."""
+
+    def __init__(self, min_s: float = 0.002, max_s: float = 0.05) -> None:
+        self.min_s, self.max_s = min_s, max_s
+        self.current = min_s
+
+    def idle(self) -> None:
+        time.sleep(self.current)
+        self.current = min(self.max_s, self.current * 2)
+
+    def busy(self) -> None:
+        self.current = self.min_s
