@@ -24,6 +24,7 @@ _FLAGS = {
     "input": "--input",
     "dtype": "--dtype",
     "model": "--model",
+    "ep": "--ep",
 }
 
 
@@ -51,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--prompt-ids", action="append", default=[], help="e.g. 1,2,3 (repeatable)")
     o.add_argument("--input", type=Path, help="JSONL file: {'prompt': ...} per line")
     o.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    o.add_argument(
+        "--ep", type=int, default=1, help="expert-parallel ranks (Ray actors, gloo); 1: in-process"
+    )
     return p
 
 
@@ -85,8 +89,12 @@ def _offline(args: argparse.Namespace) -> int:
             raise InvalidRequestError(
                 "model", f"{args.model} has no config.json; point --model at an HF checkpoint dir"
             )
-        engine = build_engine(args.model, dtype=args.dtype)
-        outputs = run_offline(engine, specs)
+        if args.ep == 1:
+            outputs = run_offline(build_engine(args.model, dtype=args.dtype), specs)
+        else:
+            from cluster.ep_offline import run_offline_ep
+
+            outputs = run_offline_ep(args.model, specs, args.ep, dtype=args.dtype)
     except InvalidRequestError as e:
         flag = _FLAGS.get(e.field, e.field)
         msg = str(e).removeprefix(f"{e.field}: ")

@@ -1,0 +1,82 @@
+"""`moe-cluster offline --ep N`: the prompts run on an N-rank expert-parallel group of Ray actors
+(gloo on CPU), spread round-robin over the ranks; the output contract is unchanged.
+
+The driver validates every prompt first (config + tokenizer only, no weights), starts an embedded
+Ray when none is running, and always tears the actors (and the Ray it started) down.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from workers.engine import InvalidRequestError, RequestOutput
+from workers.engine.build import load_tokenizer
+from workers.engine.inputs import PromptLimits, encode_prompt
+from workers.loader import load_config
+
+__all__ = ["run_offline_ep"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _validate(model_dir: Path, specs: Sequence) -> None:
+    config = load_config(model_dir)
+    limits = PromptLimits(config.vocab_size, config.max_position_embeddings)
+    tokenizer = load_tokenizer(model_dir)
+    for spec in specs:
+        try:
+            text = spec.prompt if isinstance(spec.prompt, str) else None
+            ids = None if isinstance(spec.prompt, str) else spec.prompt
+            encode_prompt(tokenizer, limits, text, ids)
+            spec.params.validate(config.vocab_size)
+        except InvalidRequestError as e:
+            raise InvalidRequestError(e.field, f"{spec.source}: {e}") from None
+
+
+def run_offline_ep(
+    model_dir: Path, specs: Sequence, ep: int, *, dtype: str = "float32", timeout_s: float = 900
+) -> list[RequestOutput]:
+    import ray
+
+    from workers.ep_rank import ExpertParallelRank
+
+    if ep < 1:
+        raise InvalidRequestError("ep", f"must be >= 1, got {ep}")
+    _validate(model_dir, specs)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=max(2, ep), include_dashboard=False, log_to_driver=False)
+    rank_cls: Any = ray.remote(num_cpus=0)(ExpertParallelRank)  # ranks cost no CPU slot
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    ranks = [
+        rank_cls.remote(
+            str(model_dir), rank=r, world_size=ep, init_method=init, dtype=dtype, threads=1
+        )
+        for r in range(ep)
+    ]
+    try:
+        ids = [f"p{i}" for i in range(len(specs))]
+        shares = [
+            [(ids[i], s.prompt, s.params) for i, s in enumerate(specs) if i % ep == r]
+            for r in range(ep)
+        ]
+        results = ray.get(
+            [rank.generate.remote(share) for rank, share in zip(ranks, shares, strict=True)],
+            timeout=timeout_s,
+        )
+        merged: dict[str, RequestOutput] = {}
+        for result in results:
+            merged.update(result)
+        return [merged[i] for i in ids]
+    finally:
+        for rank in ranks:
+            ray.kill(rank)
+        if started:
+            ray.shutdown()
