@@ -2,9 +2,12 @@
 
     python bench/offline.py [--arch qwen3_moe,deepseek_v3] [--prompts 64] [--prompt-len 64]
                             [--new-tokens 128] [--threads N]
+    python bench/offline.py --ep 1,2 [...]    # expert-parallel groups instead of transformers
 
 Greedy, ignore-eos, fp32, on the "bench" preset checkpoints (written once under .cache/).
 Prints tokens/s of each, the ratio, and how many generated tokens agree between the two.
+With --ep, each EP size runs the same prompts (EP 1: this process, all cores; EP N: N Ray actors
+with one torch thread each, gloo all-to-all); timing starts once every rank has loaded.
 """
 
 from __future__ import annotations
@@ -59,6 +62,49 @@ def run_transformers(path: Path, prompts: list[list[int]], new: int):
     return elapsed, out[:, ids.shape[1] :].tolist()
 
 
+def run_ep(path: Path, prompts: list[list[int]], new: int, ep: int):
+    from cluster.ep_offline import ExpertParallelGroup
+    from cluster.offline import PromptSpec
+
+    if ep == 1:
+        return run_ours(path, prompts, new)
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    specs = [PromptSpec(f"p{i}", p, params) for i, p in enumerate(prompts)]
+    with ExpertParallelGroup(path, ep) as group:
+        group.ready()
+        start = time.perf_counter()
+        outs = group.generate(specs)
+        elapsed = time.perf_counter() - start
+    return elapsed, [o.token_ids for o in outs]
+
+
+def main_ep(args) -> None:
+    sizes = [int(e) for e in args.ep.split(",")]
+    rows = []
+    for arch in args.arch.split(","):
+        path = checkpoint(arch)
+        gen = torch.Generator().manual_seed(0)
+        prompts = torch.randint(3, 500, (args.prompts, args.prompt_len), generator=gen).tolist()
+        total = args.prompts * args.new_tokens
+        results = {ep: run_ep(path, prompts, args.new_tokens, ep) for ep in sizes}
+        base_t, base_tokens = results[sizes[0]]
+        for ep, (elapsed, tokens) in results.items():
+            same = sum(
+                a == b
+                for x, y in zip(tokens, base_tokens, strict=True)
+                for a, b in zip(x, y, strict=True)
+            )
+            rows.append((arch, ep, total / elapsed, base_t / elapsed, same, total))
+    print(
+        f"\n{args.prompts} prompts x {args.prompt_len} prompt tokens x {args.new_tokens} new "
+        "tokens, greedy, fp32"
+    )
+    print(f"| arch | EP | tok/s | vs EP {sizes[0]} | tokens equal to EP {sizes[0]} |")
+    print("|---|---|---|---|---|")
+    for arch, ep, tps, ratio, same, total in rows:
+        print(f"| {arch} | {ep} | {tps:.1f} | {ratio:.2f}x | {same}/{total} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--arch", default="qwen3_moe,deepseek_v3")
@@ -66,9 +112,13 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--ep", default="", help="comma-separated EP sizes, e.g. 1,2")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ep:
+        main_ep(args)
+        return
     rows = []
     for arch in args.arch.split(","):
         path = checkpoint(arch)

@@ -17,7 +17,7 @@ from workers.engine.build import load_tokenizer
 from workers.engine.inputs import PromptLimits, encode_prompt
 from workers.loader import load_config
 
-__all__ = ["run_offline_ep"]
+__all__ = ["ExpertParallelGroup", "run_offline_ep"]
 
 
 def _free_port() -> int:
@@ -40,43 +40,68 @@ def _validate(model_dir: Path, specs: Sequence) -> None:
             raise InvalidRequestError(e.field, f"{spec.source}: {e}") from None
 
 
+class ExpertParallelGroup:
+    """N `ExpertParallelRank` actors forming one gloo process group. Use as a context manager:
+    the actors (and the Ray this started, if any) are torn down on exit."""
+
+    def __init__(
+        self, model_dir: Path, ep: int, *, dtype: str = "float32", timeout_s: float = 900
+    ) -> None:
+        import ray
+
+        from workers.ep_rank import ExpertParallelRank
+
+        if ep < 1:
+            raise InvalidRequestError("ep", f"must be >= 1, got {ep}")
+        self.ep, self.timeout_s = ep, timeout_s
+        self.started_ray = not ray.is_initialized()
+        if self.started_ray:
+            ray.init(num_cpus=max(2, ep), include_dashboard=False, log_to_driver=False)
+        rank_cls: Any = ray.remote(num_cpus=0)(ExpertParallelRank)  # ranks cost no CPU slot
+        init = f"tcp://127.0.0.1:{_free_port()}"
+        self.ranks = [
+            rank_cls.remote(
+                str(model_dir), rank=r, world_size=ep, init_method=init, dtype=dtype, threads=1
+            )
+            for r in range(ep)
+        ]
+
+    def ready(self) -> None:
+        """Wait until every rank has joined the group and loaded its experts."""
+        import ray
+
+        ray.get([r.ready.remote() for r in self.ranks], timeout=self.timeout_s)
+
+    def generate(self, specs: Sequence) -> list[RequestOutput]:
+        """Spread prompts round-robin over the ranks; outputs in input order."""
+        import ray
+
+        ids = [f"p{i}" for i in range(len(specs))]
+        shares = [
+            [(ids[i], s.prompt, s.params) for i, s in enumerate(specs) if i % self.ep == r]
+            for r in range(self.ep)
+        ]
+        refs = [rank.generate.remote(share) for rank, share in zip(self.ranks, shares, strict=True)]
+        merged: dict[str, RequestOutput] = {}
+        for result in ray.get(refs, timeout=self.timeout_s):
+            merged.update(result)
+        return [merged[i] for i in ids]
+
+    def __enter__(self) -> ExpertParallelGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import ray
+
+        for rank in self.ranks:
+            ray.kill(rank)
+        if self.started_ray:
+            ray.shutdown()
+
+
 def run_offline_ep(
     model_dir: Path, specs: Sequence, ep: int, *, dtype: str = "float32", timeout_s: float = 900
 ) -> list[RequestOutput]:
-    import ray
-
-    from workers.ep_rank import ExpertParallelRank
-
-    if ep < 1:
-        raise InvalidRequestError("ep", f"must be >= 1, got {ep}")
     _validate(model_dir, specs)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=max(2, ep), include_dashboard=False, log_to_driver=False)
-    rank_cls: Any = ray.remote(num_cpus=0)(ExpertParallelRank)  # ranks cost no CPU slot
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    ranks = [
-        rank_cls.remote(
-            str(model_dir), rank=r, world_size=ep, init_method=init, dtype=dtype, threads=1
-        )
-        for r in range(ep)
-    ]
-    try:
-        ids = [f"p{i}" for i in range(len(specs))]
-        shares = [
-            [(ids[i], s.prompt, s.params) for i, s in enumerate(specs) if i % ep == r]
-            for r in range(ep)
-        ]
-        results = ray.get(
-            [rank.generate.remote(share) for rank, share in zip(ranks, shares, strict=True)],
-            timeout=timeout_s,
-        )
-        merged: dict[str, RequestOutput] = {}
-        for result in results:
-            merged.update(result)
-        return [merged[i] for i in ids]
-    finally:
-        for rank in ranks:
-            ray.kill(rank)
-        if started:
-            ray.shutdown()
+    with ExpertParallelGroup(model_dir, ep, dtype=dtype, timeout_s=timeout_s) as group:
+        return group.generate(specs)

@@ -1,0 +1,46 @@
+"""`--ep N` runs the prompts on N expert-parallel Ray actors (gloo) and must give exactly the
+greedy tokens of `--ep 1` (which the parity tests tie to transformers), for every architecture."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+from cluster.ep_offline import run_offline_ep
+from cluster.offline import PromptSpec, run_offline
+from workers.engine import SamplingParams
+from workers.engine.build import build_engine
+
+PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _specs(n: int = 6) -> list[PromptSpec]:
+    gen = torch.Generator().manual_seed(3)
+    return [
+        PromptSpec(f"p{i}", torch.randint(3, 400, (3 + 5 * i,), generator=gen).tolist(), PARAMS)
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_ep_matches_single_rank(name, tiny_checkpoint):
+    path = tiny_checkpoint(name)
+    specs = _specs()
+    reference = [o.token_ids for o in run_offline(build_engine(path), specs)]
+    for ep in (2, 4):
+        outs = run_offline_ep(path, specs, ep, timeout_s=300)
+        assert [o.token_ids for o in outs] == reference, f"{name} --ep {ep} diverged"
+        assert [o.prompt_token_ids for o in outs] == [s.prompt for s in specs]
+
+
+def test_ep_size_that_does_not_divide_experts_is_a_clear_error(tiny_checkpoint):
+    with pytest.raises(Exception, match="does not divide"):
+        run_offline_ep(tiny_checkpoint("mixtral"), _specs(2), 3, timeout_s=120)

@@ -1,0 +1,244 @@
+"""Expert-parallel token dispatch and combine: send each token to the ranks that own its experts,
+bring the expert outputs back and sum them at the source.
+
+Legend: T tokens on this rank, H hidden, K experts per token, E routed experts (global), W ranks
+in the group, S rows this rank sends (unique (token, destination rank) pairs, self included),
+R rows this rank receives (one per (source token, this rank) pair).
+
+Collective-ordering hazard: `AllToAllDispatcher.dispatch` and `combine` are collectives. Every
+rank of the group must call them for every MoE layer, in the same order, every step, even with
+zero tokens (T = 0): a rank that skips a layer, or calls layers in another order, deadlocks or
+silently receives another layer's rows. Call `combine` for a handle before the next `dispatch`
+on the same group. The receiver's work between the two is `RoutedExperts` on (recv_x,
+recv_topk_ids, recv_topk_weights): it ignores the experts of each row owned elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "AllToAllDispatcher",
+    "DispatchCounters",
+    "DispatchHandle",
+    "Dispatched",
+    "LocalDispatcher",
+    "Traffic",
+    "make_dispatcher",
+]
+
+BACKENDS = ("auto", "local", "all_to_all")
+
+
+@dataclass(frozen=True)
+class DispatchHandle:
+    """What `combine` needs to route expert outputs back; valid only for the dispatch that made it.
+
+    send_token: [S] int64 on x.device, the source token of each sent row, ordered by destination
+        rank, then token; a token appears at most once per destination rank.
+    send_splits: [W] rows sent to each rank (combine gets this many back from each).
+    recv_splits: [W] rows received from each rank (combine returns this many to each).
+    num_tokens: T, the number of rows `combine` returns.
+    """
+
+    send_token: torch.Tensor
+    send_splits: list[int]
+    recv_splits: list[int]
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """Rows received by this rank, grouped by source rank (ascending), then by source token."""
+
+    recv_x: torch.Tensor  # [R, H] x.dtype: one row per (source token, this rank) pair
+    recv_topk_ids: torch.Tensor  # [R, K] int64: the full top-k row, global expert ids
+    recv_topk_weights: torch.Tensor  # [R, K] fp32: the full top-k weights
+    handle: DispatchHandle
+
+
+@dataclass
+class Traffic:
+    """Dispatch payload of one rank and layer: x rows only, H * dtype size bytes each. The top-k
+    ids and weights, the counts exchange and combine's return trip (the same rows back, in
+    expert_out's dtype) are not counted. Rows a rank sends to itself go through the collective
+    as a local copy: they are counted in `*_self`, never in `*_sent` / `*_received` (the wire).
+    Per dispatch: tokens_sent + tokens_self = sum over tokens of their unique destination ranks,
+    and bytes_* = tokens_* * H * x.element_size()."""
+
+    tokens_sent: int = 0  # rows sent to other ranks
+    tokens_received: int = 0  # rows received from other ranks
+    tokens_self: int = 0  # rows this rank sent to itself
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    bytes_self: int = 0
+
+    def add(self, other: Traffic) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclass
+class DispatchCounters:
+    """Per layer: `total` accumulates since the last `reset`; `last` is the latest dispatch."""
+
+    total: dict[int, Traffic] = field(default_factory=dict)
+    last: dict[int, Traffic] = field(default_factory=dict)
+
+    def record(self, layer: int, step: Traffic) -> None:
+        self.last[layer] = step
+        self.total.setdefault(layer, Traffic()).add(step)
+
+    def overall(self) -> Traffic:
+        """`total` summed over layers."""
+        out = Traffic()
+        for t in self.total.values():
+            out.add(t)
+        return out
+
+    def reset(self) -> None:
+        self.total.clear()
+        self.last.clear()
+
+
+def _traffic(send_splits: list[int], recv_splits: list[int], me: int, row: int) -> Traffic:
+    """Splits [W] of one dispatch on rank `me`, `row` bytes per x row -> its Traffic."""
+    sent, recv = sum(send_splits) - send_splits[me], sum(recv_splits) - recv_splits[me]
+    own = send_splits[me]
+    return Traffic(sent, recv, own, sent * row, recv * row, own * row)
+
+
+class LocalDispatcher:
+    """One rank owns every expert: no communication; dispatch returns its inputs as they are
+    (R = T, same tensors) and combine returns expert_out. Counts each token as sent to itself."""
+
+    def __init__(self) -> None:
+        self.counters = DispatchCounters()
+
+    def dispatch(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int = 0
+    ) -> Dispatched:
+        t, h = x.shape
+        self.counters.record(layer, _traffic([t], [t], 0, h * x.element_size()))
+        send = torch.arange(t, device=x.device)
+        handle = DispatchHandle(send_token=send, send_splits=[t], recv_splits=[t], num_tokens=t)
+        return Dispatched(x, topk_ids, topk_weights, handle)
+
+    def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        return expert_out
+
+
+class AllToAllDispatcher:
+    """Expert parallelism over a torch.distributed group with `all_to_all_single`.
+
+    expert_to_rank: [E] int64, the group rank (not the global rank) owning each expert; the same
+    on every rank. The process group's backend moves the tensors (NCCL for CUDA, gloo for CPU);
+    everything is created on x.device. A dispatch is three collectives (counts [W] int64, x rows,
+    packed ids + weights) and reads the counts on the host (a device sync on CUDA: split sizes
+    are host lists); combine is one. See the module docstring for the ordering hazard.
+    """
+
+    def __init__(self, expert_to_rank: torch.Tensor, group: dist.ProcessGroup | None = None):
+        if not dist.is_initialized():
+            raise RuntimeError("AllToAllDispatcher needs torch.distributed.init_process_group()")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        e2r = torch.as_tensor(expert_to_rank).to("cpu", torch.int64)
+        if e2r.dim() != 1 or e2r.numel() == 0:
+            raise ValueError(
+                f"expert_to_rank must be a non-empty [E] tensor, got {tuple(e2r.shape)}"
+            )
+        lo, hi = int(e2r.min()), int(e2r.max())
+        if lo < 0 or hi >= self.world:
+            raise ValueError(
+                f"expert_to_rank values must be group ranks in [0, {self.world}), got [{lo}, {hi}]"
+            )
+        self.expert_to_rank = e2r  # [E]
+        self._e2r_on: dict[torch.device, torch.Tensor] = {}  # copies per device, made on first use
+        self.counters = DispatchCounters()
+
+    def _exchange(
+        self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]
+    ) -> torch.Tensor:
+        """[sum(send_splits), ...] -> [sum(recv_splits), ...]; rows grouped by rank both sides."""
+        out = send.new_empty((sum(recv_splits), *send.shape[1:]))
+        dist.all_to_all_single(out, send, recv_splits, send_splits, group=self.group)
+        return out
+
+    def dispatch(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int = 0
+    ) -> Dispatched:
+        """x [T, H] any dtype, topk_ids [T, K] global ids, topk_weights [T, K] (sent as fp32)
+        -> Dispatched. A token goes to each destination rank once, however many of its experts
+        live there. Collective, even with T = 0: see the module docstring."""
+        dev, (t, h), w = x.device, x.shape, self.world
+        if dev not in self._e2r_on:
+            self._e2r_on[dev] = self.expert_to_rank.to(dev)
+        ids = topk_ids.to(dev, torch.int64)  # [T, K]
+        dest = self._e2r_on[dev][ids]  # [T, K] rank owning each chosen expert
+        to = torch.zeros(w, t, dtype=torch.bool, device=dev)  # [W, T]: token t goes to rank d
+        to.scatter_(0, dest.t(), True)  # dedupe: two experts on one rank set the same flag
+        send_rank, send_token = to.nonzero(as_tuple=True)  # [S], [S] ordered by (rank, token)
+        send_counts = torch.bincount(send_rank, minlength=w)  # [W] int64
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+
+        recv_x = self._exchange(x.index_select(0, send_token), send_splits, recv_splits)  # [R, H]
+        # ids and weights travel as one int64 tensor [S, 2K]: the fp32 weights' bits, widened
+        # int32 -> int64 and narrowed back, come out exactly (no float conversion anywhere).
+        # Packing them into the x rows' bytes too (one collective fewer) measured slower on
+        # CPU gloo: the extra copies of the wide rows cost more than the small collective.
+        bits = topk_weights.to(dev, torch.float32).contiguous().view(torch.int32).to(torch.int64)
+        meta = torch.cat([ids, bits], dim=1).index_select(0, send_token)  # [S, 2K]
+        meta = self._exchange(meta, send_splits, recv_splits)  # [R, 2K]
+        k = ids.shape[1]
+        recv_ids = meta[:, :k].contiguous()  # [R, K]
+        recv_weights = meta[:, k:].to(torch.int32).view(torch.float32)  # [R, K]
+
+        step = _traffic(send_splits, recv_splits, self.rank, h * x.element_size())
+        self.counters.record(layer, step)
+        handle = DispatchHandle(send_token, send_splits, recv_splits, num_tokens=t)
+        return Dispatched(recv_x, recv_ids, recv_weights, handle)
+
+    def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """expert_out [R, H] (rows in `Dispatched` order) -> y [T, H] in expert_out.dtype: per
+        source token, the sum of the partial outputs of every rank it went to. Collective.
+
+        Deterministic, also on CUDA: partials are added one destination rank at a time in rank
+        order, and inside one rank's block a token appears once, so index_add_ never collides."""
+        back = self._exchange(expert_out.contiguous(), handle.recv_splits, handle.send_splits)
+        y = expert_out.new_zeros(handle.num_tokens, expert_out.shape[1])  # [T, H]
+        start = 0
+        for n in handle.send_splits:
+            if n:
+                y.index_add_(0, handle.send_token[start : start + n], back[start : start + n])
+            start += n
+        return y
+
+
+def make_dispatcher(
+    backend: str = "auto",
+    expert_to_rank: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> LocalDispatcher | AllToAllDispatcher:
+    """Pick a dispatcher by name: "local" (one rank, no communication), "all_to_all"
+    (torch.distributed, needs expert_to_rank [E]), or "auto": all_to_all when torch.distributed
+    is initialized and the group has more than one rank, else local."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown dispatch backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        multi = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+        backend = "all_to_all" if multi else "local"
+    if backend == "local":
+        return LocalDispatcher()
+    if expert_to_rank is None:
+        raise ValueError(
+            "the all_to_all dispatch backend needs expert_to_rank: an [E] int64 tensor giving "
+            "the group rank that owns each expert"
+        )
+    return AllToAllDispatcher(expert_to_rank, group)
