@@ -18,8 +18,9 @@ from workers.engine.build import build_engine
 from workers.engine.lockstep import Lockstep
 from workers.loader import load_config
 from workers.moe.dispatch import make_dispatcher
+from workers.moe.placement import contiguous_placement
 
-__all__ = ["ExpertParallelRank", "expert_slices", "num_routed_experts"]
+__all__ = ["ExpertParallelRank", "num_routed_experts"]
 
 _EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
 
@@ -29,16 +30,6 @@ def num_routed_experts(config) -> int:
         if getattr(config, key, None):
             return int(getattr(config, key))
     raise ValueError(f"config has none of {', '.join(_EXPERT_COUNT_KEYS)}: not an MoE checkpoint")
-
-
-def expert_slices(num_experts: int, world_size: int) -> torch.Tensor:
-    """Contiguous placement: expert e lives on rank e // (E / N). Returns [E] int64 ranks."""
-    if num_experts % world_size:
-        raise ValueError(
-            f"an EP size of {world_size} does not divide the {num_experts} routed experts; "
-            f"pick an EP size that divides {num_experts}"
-        )
-    return torch.arange(num_experts) // (num_experts // world_size)
 
 
 class ExpertParallelRank:
@@ -63,12 +54,20 @@ class ExpertParallelRank:
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-        experts_to_rank = expert_slices(num_routed_experts(load_config(model_dir)), world_size)
-        owned = torch.nonzero(experts_to_rank == rank).flatten().tolist()
-        self.engine = build_engine(
-            model_dir, dtype=dtype, owned_experts=owned, config=engine_config, progress=False
+        # Contiguous slots; when the EP size does not divide the expert count, the fewest
+        # redundant slots that give every rank the same number of slots.
+        self.placement = contiguous_placement(
+            num_routed_experts(load_config(model_dir)), world_size
         )
-        self.engine.model.set_dispatcher(make_dispatcher("all_to_all", experts_to_rank))
+        self.engine = build_engine(
+            model_dir,
+            dtype=dtype,
+            config=engine_config,
+            progress=False,
+            shard=(self.placement, rank),
+        )
+        slot_to_rank = self.placement.tables().slot_to_rank
+        self.engine.model.set_dispatcher(make_dispatcher("all_to_all", slot_to_rank))
         self.lockstep = Lockstep(self.engine)
 
     def ready(self) -> int:

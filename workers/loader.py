@@ -29,6 +29,7 @@ from transformers import AutoConfig
 
 from workers.models import model_class
 from workers.models.base import CausalLM
+from workers.moe.placement import Placement
 
 __all__ = [
     "CheckpointError",
@@ -275,9 +276,11 @@ def load_model(
     owned_experts: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
     progress: bool | None = None,
+    shard: tuple[Placement, int] | None = None,
 ) -> CausalLM:
     """Construct the checkpoint's model family holding `owned_experts` (None: all), fill it from
-    the checkpoint and return it in eval mode on `device`. Raises UnsupportedArchitectureError or
+    the checkpoint and return it in eval mode on `device`. `shard` (placement, rank) instead holds
+that rank's physical expert slots, redundant copies included. Raises UnsupportedArchitectureError or
     CheckpointError (before reading any weight) when the checkpoint cannot be served."""
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
@@ -285,6 +288,8 @@ def load_model(
     cls = model_class(config)
     with torch.device(device), _default_dtype(dtype):
         model: CausalLM = cls(config, owned_experts)
+        if shard is not None:
+            model.set_placement(*shard)
     model.to(dtype)
     wanted = model.checkpoint_tensors()
     show = sys.stderr.isatty() if progress is None else progress

@@ -170,3 +170,17 @@ def test_bfloat16_engine_generates(tiny_checkpoint):
     assert engine.dtype == torch.bfloat16 and engine.kv_cache[0].dtype == torch.bfloat16
     out = engine.generate([([7, 8, 9, 10], GREEDY)])[0]
     assert len(out.token_ids) == 20 and engine.stats().kv_blocks_used == 0
+
+
+def test_redundant_expert_slots_give_the_same_tokens(tiny_checkpoint):
+    from workers.moe.placement import contiguous_placement
+
+    path = tiny_checkpoint("qwen3_moe")  # 16 experts; 4 extra slots copy experts 0..3
+    placement = contiguous_placement(16, 1, num_redundant=4)
+    engine = build_engine(path, shard=(placement, 0))
+    names = engine.model.checkpoint_tensors()
+    assert sum(".experts.0.gate_proj" in n for n in names) == 2  # two MoE layers, read once each
+    prompts = _prompts(4, seed=5)
+    plain = build_engine(path).generate([(p, GREEDY) for p in prompts])
+    spread = engine.generate([(p, GREEDY) for p in prompts])
+    assert [o.token_ids for o in spread] == [o.token_ids for o in plain]

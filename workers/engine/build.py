@@ -49,6 +49,7 @@ def build_engine(
     config: EngineConfig | None = None,
     device: str = "cpu",
     progress: bool | None = None,
+    shard=None,
 ) -> Engine:
     from workers.loader import load_model
 
@@ -60,6 +61,7 @@ def build_engine(
         owned_experts=None if owned_experts is None else list(owned_experts),
         device=device,
         progress=progress,
+        shard=shard,
     )
     tokenizer = load_tokenizer(model_dir)
     return Engine(model, config, tokenizer, eos_token_ids(model_dir, model.config, tokenizer))

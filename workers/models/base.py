@@ -19,6 +19,7 @@ from torch import nn
 
 from workers.models.attention import AttentionMetadata
 from workers.moe.experts import RoutedExperts
+from workers.moe.placement import Placement
 
 __all__ = ["CausalLM"]
 
@@ -48,6 +49,12 @@ class CausalLM(nn.Module):
 
     def owned(self, num_experts: int) -> list[int]:
         return list(range(num_experts)) if self.owned_experts is None else list(self.owned_experts)
+
+    def set_placement(self, placement: Placement, rank: int) -> None:
+        """Hold `rank`'s physical expert slots of `placement` in every MoE layer (pre-load)."""
+        for module in self.modules():
+            if isinstance(module, RoutedExperts):
+                module.reshard(placement, rank)
 
     def set_dispatcher(self, dispatcher) -> None:
         """Route every MoE layer's tokens through `dispatcher` (expert parallelism); None: local."""

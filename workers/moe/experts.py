@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.moe.placement import Placement, route_to_slots
+
 __all__ = ["RoutedExperts"]
 
 
@@ -44,13 +46,31 @@ class RoutedExperts(nn.Module):
         self.expert_map: torch.Tensor  # [E] global id -> local index, -1 if owned elsewhere
         self.register_buffer("expert_map", expert_map, persistent=False)
         self.dispatcher: Any = None  # see forward; set for the whole model by set_dispatcher
+        self.placement: Placement | None = None  # set by reshard: routing ids become slots
+        self.slot_to_logical: list[int] = list(range(num_experts))  # whose weights an id holds
         self.layer_index = 0  # this MoE layer's position among the model's MoE layers
+
+    def reshard(self, placement: Placement, rank: int) -> None:
+        """Hold the physical slots `placement` gives `rank` (before loading weights): routing ids
+        become slot ids, a redundant slot holds a copy of its logical expert, and tokens routed
+        to a replicated expert are spread over its copies."""
+        slots = placement.slots_of_rank(rank)
+        like = {"dtype": self.w13.dtype, "device": self.w13.device}
+        self.num_experts, self.owned = placement.num_slots, slots
+        self.slot_to_logical = list(placement.slot_to_logical)
+        self.placement = placement
+        h, i = self.hidden, self.intermediate
+        self.w13 = nn.Parameter(torch.empty(len(slots), 2 * i, h, **like))
+        self.w2 = nn.Parameter(torch.empty(len(slots), h, i, **like))
+        expert_map = torch.full((placement.num_slots,), -1, dtype=torch.int64)
+        expert_map[slots] = torch.arange(len(slots))
+        self.expert_map = expert_map.to(self.w13.device)
 
     def checkpoint_names(self, prefix: str) -> dict[str, tuple[int, ...]]:
         """Per-expert checkpoint tensor names (and shapes) this rank needs."""
         h, i = self.hidden, self.intermediate
         names: dict[str, tuple[int, ...]] = {}
-        for e in self.owned:
+        for e in (self.slot_to_logical[s] for s in self.owned):
             names[f"{prefix}.{e}.gate_proj.weight"] = (i, h)
             names[f"{prefix}.{e}.up_proj.weight"] = (i, h)
             names[f"{prefix}.{e}.down_proj.weight"] = (h, i)
@@ -59,7 +79,7 @@ class RoutedExperts(nn.Module):
     @torch.no_grad()
     def load(self, prefix: str, tensors: Mapping[str, torch.Tensor]) -> None:
         i = self.intermediate
-        for local, e in enumerate(self.owned):
+        for local, e in enumerate(self.slot_to_logical[s] for s in self.owned):
             self.w13[local, :i].copy_(tensors[f"{prefix}.{e}.gate_proj.weight"])
             self.w13[local, i:].copy_(tensors[f"{prefix}.{e}.up_proj.weight"])
             self.w2[local].copy_(tensors[f"{prefix}.{e}.down_proj.weight"])
@@ -73,6 +93,8 @@ class RoutedExperts(nn.Module):
         experts, each rank computes its experts' share, and the shares are summed back here.
         Collective: every rank of the group calls this for every MoE layer, in the same order,
         every step, even with T = 0."""
+        if self.placement is not None:  # logical expert ids -> the slots holding them
+            topk_ids = route_to_slots(topk_ids, self.placement)
         if self.dispatcher is None:
             return self.compute(x, topk_ids, topk_weights)
         d = self.dispatcher.dispatch(x, topk_ids, topk_weights, layer=self.layer_index)
