@@ -19,15 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.models.attention import AttentionMetadata, attend, gather_context, write_kv
-from workers.models.base import CausalLM
+from workers.models.decoder import DecoderLayer, DecoderLM
 from workers.models.layers import (
     MLP,
     RMSNorm,
     apply_rotary,
     apply_rotary_interleaved,
-    rotary_cos_sin,
 )
-from workers.models.rope import rope_from_config, rope_params, yarn_mscale
+from workers.models.rope import rope_params, yarn_mscale
 from workers.moe.experts import RoutedExperts
 from workers.moe.gating import grouped_sigmoid_topk
 
@@ -164,28 +163,7 @@ class DeepseekMoE(nn.Module):
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
 
-class _Layer(nn.Module):
-    def __init__(self, config, mlp: nn.Module) -> None:
-        super().__init__()
-        self.self_attn = MLAttention(config)
-        self.mlp = mlp
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, x, cos_sin, meta, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class _Body(nn.Module):
-    def __init__(self, config, layers: Sequence[nn.Module]) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-class DeepseekV3ForCausalLM(CausalLM):
+class DeepseekV3ForCausalLM(DecoderLM):
     def __init__(self, config, owned_experts: Sequence[int] | None = None) -> None:
         super().__init__(config, owned_experts)
         act = getattr(config, "hidden_act", "silu")
@@ -194,25 +172,14 @@ class DeepseekV3ForCausalLM(CausalLM):
         owned = self.owned(config.n_routed_experts)
         dense = config.first_k_dense_replace or 0
         layers = [
-            _Layer(
+            DecoderLayer(
                 config,
+                MLAttention(config),
                 DeepseekMoE(config, owned)
                 if i >= dense
                 else MLP(config.hidden_size, config.intermediate_size),
             )
             for i in range(config.num_hidden_layers)
         ]
-        self.model = _Body(config, layers)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.num_layers = config.num_hidden_layers
-        self.vocab_size = config.vocab_size
-        self.kv_token_shape = (config.kv_lora_rank + config.qk_rope_head_dim,)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.rope = rope_from_config(config, config.qk_rope_head_dim)
-
-    def forward(self, input_ids, meta, kv_cache):
-        x = self.model.embed_tokens(input_ids)  # [T, H]
-        cos_sin = rotary_cos_sin(meta.positions, self.rope.inv_freq, self.rope.scaling, x.dtype)
-        for layer, cache in zip(self.model.layers, kv_cache, strict=True):
-            x = layer(x, cos_sin, meta, cache)
-        return self.model.norm(x)
+        kv_token_shape = (config.kv_lora_rank + config.qk_rope_head_dim,)
+        self.build(layers, kv_token_shape, config.qk_rope_head_dim)

@@ -11,12 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
 
-from workers.models.base import CausalLM
-from workers.models.layers import RMSNorm, rotary_cos_sin
-from workers.models.qwen3_moe import GQAttention, SoftmaxMoE, _Body, _reject_sliding_window
-from workers.models.rope import rope_from_config
+from workers.models.decoder import DecoderLayer, DecoderLM
+from workers.models.qwen3_moe import GQAttention, SoftmaxMoE, _reject_sliding_window
 from workers.moe.experts import RoutedExperts
 
 __all__ = ["MixtralForCausalLM"]
@@ -61,39 +58,25 @@ class _Renamed(Mapping[str, torch.Tensor]):
         return len(self.tensors)
 
 
-class _Layer(nn.Module):
-    def __init__(self, config, owned: Sequence[int]) -> None:
-        super().__init__()
-        self.self_attn = GQAttention(config, qk_norm=False)
-        self.block_sparse_moe = SoftmaxMoE(
-            config, config.num_local_experts, owned, renormalize=True, experts_cls=MixtralExperts
-        )
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, x, cos_sin, meta, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, cache)
-        return x + self.block_sparse_moe(self.post_attention_layernorm(x))
-
-
-class MixtralForCausalLM(CausalLM):
+class MixtralForCausalLM(DecoderLM):
     def __init__(self, config, owned_experts: Sequence[int] | None = None) -> None:
         super().__init__(config, owned_experts)
         _reject_sliding_window(config)
         owned = self.owned(config.num_local_experts)
-        layers = [_Layer(config, owned) for _ in range(config.num_hidden_layers)]
-        self.model = _Body(config, list(layers))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        layers = [
+            DecoderLayer(
+                config,
+                GQAttention(config, qk_norm=False),
+                SoftmaxMoE(
+                    config,
+                    config.num_local_experts,
+                    owned,
+                    renormalize=True,
+                    experts_cls=MixtralExperts,
+                ),
+                ffn_name="block_sparse_moe",
+            )
+            for _ in range(config.num_hidden_layers)
+        ]
         attn = layers[0].self_attn
-        self.num_layers = config.num_hidden_layers
-        self.vocab_size = config.vocab_size
-        self.kv_token_shape = (2, attn.num_kv_heads, attn.head_dim)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.rope = rope_from_config(config, attn.head_dim)
-
-    def forward(self, input_ids, meta, kv_cache):
-        x = self.model.embed_tokens(input_ids)  # [T, H]
-        cos_sin = rotary_cos_sin(meta.positions, self.rope.inv_freq, self.rope.scaling, x.dtype)
-        for layer, cache in zip(self.model.layers, kv_cache, strict=True):
-            x = layer(x, cos_sin, meta, cache)
-        return self.model.norm(x)
+        self.build(layers, (2, attn.num_kv_heads, attn.head_dim), attn.head_dim)

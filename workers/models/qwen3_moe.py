@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from workers.models.attention import AttentionMetadata, attend, gather_context, write_kv
-from workers.models.base import CausalLM
-from workers.models.layers import MLP, RMSNorm, apply_rotary, rotary_cos_sin
-from workers.models.rope import rope_from_config
+from workers.models.decoder import DecoderLayer, DecoderLM
+from workers.models.layers import MLP, RMSNorm, apply_rotary
 from workers.moe.experts import RoutedExperts
 from workers.moe.gating import softmax_topk
 
@@ -90,28 +89,7 @@ class SoftmaxMoE(nn.Module):
         return self.experts(x, ids, weights.to(x.dtype))
 
 
-class _Layer(nn.Module):
-    def __init__(self, config, mlp: nn.Module) -> None:
-        super().__init__()
-        self.self_attn = GQAttention(config, qk_norm=True)
-        self.mlp = mlp
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, x, cos_sin, meta, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class _Body(nn.Module):
-    def __init__(self, config, layers: list[nn.Module]) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-class Qwen3MoeForCausalLM(CausalLM):
+class Qwen3MoeForCausalLM(DecoderLM):
     def __init__(self, config, owned_experts: Sequence[int] | None = None) -> None:
         super().__init__(config, owned_experts)
         _reject_sliding_window(config)
@@ -128,22 +106,9 @@ class Qwen3MoeForCausalLM(CausalLM):
                 if sparse
                 else MLP(config.hidden_size, config.intermediate_size)
             )
-            layers.append(_Layer(config, mlp))
-        self.model = _Body(config, layers)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            layers.append(DecoderLayer(config, GQAttention(config, qk_norm=True), mlp))
         attn = layers[0].self_attn
-        self.num_layers = config.num_hidden_layers
-        self.vocab_size = config.vocab_size
-        self.kv_token_shape = (2, attn.num_kv_heads, attn.head_dim)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.rope = rope_from_config(config, attn.head_dim)
-
-    def forward(self, input_ids, meta, kv_cache):
-        x = self.model.embed_tokens(input_ids)  # [T, H]
-        cos_sin = rotary_cos_sin(meta.positions, self.rope.inv_freq, self.rope.scaling, x.dtype)
-        for layer, cache in zip(self.model.layers, kv_cache, strict=True):
-            x = layer(x, cos_sin, meta, cache)
-        return self.model.norm(x)
+        self.build(layers, (2, attn.num_kv_heads, attn.head_dim), attn.head_dim)
 
 
 def _reject_sliding_window(config) -> None:
