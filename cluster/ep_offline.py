@@ -1,5 +1,6 @@
 """`moe-cluster offline --ep N`: the prompts run on an N-rank expert-parallel group of Ray actors
-(gloo on CPU), spread round-robin over the ranks; the output contract is unchanged.
+(gloo on CPU, NCCL on CUDA), spread round-robin over the ranks; the output contract is unchanged.
+The group can re-place its experts from observed load mid-run (`rebalance_every`).
 
 The driver validates every prompt first (config + tokenizer only, no weights), starts an embedded
 Ray when none is running, and always tears the actors (and the Ray it started) down.
@@ -41,27 +42,52 @@ def _validate(model_dir: Path, specs: Sequence) -> None:
 
 
 class ExpertParallelGroup:
-    """N `ExpertParallelRank` actors forming one gloo process group. Use as a context manager:
-    the actors (and the Ray this started, if any) are torn down on exit."""
+    """N `ExpertParallelRank` actors forming one process group (gloo on CPU, NCCL on CUDA unless
+    `backend` says otherwise). Use as a context manager: the actors (and the Ray this started,
+    if any) are torn down on exit. `device="cuda"` gives each actor one GPU."""
 
     def __init__(
-        self, model_dir: Path, ep: int, *, dtype: str = "float32", timeout_s: float = 900
+        self,
+        model_dir: Path,
+        ep: int,
+        *,
+        dtype: str = "float32",
+        timeout_s: float = 900,
+        device: str = "cpu",
+        backend: str = "auto",
+        num_redundant: int | None = None,
+        load_window: int = 128,
     ) -> None:
         import ray
 
-        from workers.ep_rank import ExpertParallelRank
+        from workers.ep_rank import BACKENDS, ExpertParallelRank, resolve_backend
 
         if ep < 1:
             raise InvalidRequestError("ep", f"must be >= 1, got {ep}")
+        try:  # fully checkable here on CPU; for CUDA the actors check where the GPUs are
+            if backend not in BACKENDS or not device.startswith("cuda"):
+                resolve_backend(backend, device)
+        except ValueError as e:
+            raise InvalidRequestError("backend", str(e)) from None
         self.ep, self.timeout_s = ep, timeout_s
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
             ray.init(num_cpus=max(2, ep), include_dashboard=False, log_to_driver=False)
-        rank_cls: Any = ray.remote(num_cpus=0)(ExpertParallelRank)  # ranks cost no CPU slot
+        gpus = 1 if device.startswith("cuda") else 0
+        rank_cls: Any = ray.remote(num_cpus=0, num_gpus=gpus)(ExpertParallelRank)  # no CPU slot
         init = f"tcp://127.0.0.1:{_free_port()}"
         self.ranks = [
             rank_cls.remote(
-                str(model_dir), rank=r, world_size=ep, init_method=init, dtype=dtype, threads=1
+                str(model_dir),
+                rank=r,
+                world_size=ep,
+                init_method=init,
+                dtype=dtype,
+                threads=1,
+                device=device,
+                backend=backend,
+                num_redundant=num_redundant,
+                load_window=load_window,
             )
             for r in range(ep)
         ]
@@ -72,8 +98,9 @@ class ExpertParallelGroup:
 
         ray.get([r.ready.remote() for r in self.ranks], timeout=self.timeout_s)
 
-    def generate(self, specs: Sequence) -> list[RequestOutput]:
-        """Spread prompts round-robin over the ranks; outputs in input order."""
+    def generate(self, specs: Sequence, rebalance_every: int | None = None) -> list[RequestOutput]:
+        """Spread prompts round-robin over the ranks; outputs in input order. `rebalance_every`:
+        re-place the experts from the observed load after every that many group steps."""
         import ray
 
         ids = [f"p{i}" for i in range(len(specs))]
@@ -81,11 +108,22 @@ class ExpertParallelGroup:
             [(ids[i], s.prompt, s.params) for i, s in enumerate(specs) if i % self.ep == r]
             for r in range(self.ep)
         ]
-        refs = [rank.generate.remote(share) for rank, share in zip(self.ranks, shares, strict=True)]
+        refs = [
+            rank.generate.remote(share, rebalance_every)
+            for rank, share in zip(self.ranks, shares, strict=True)
+        ]
         merged: dict[str, RequestOutput] = {}
         for result in ray.get(refs, timeout=self.timeout_s):
             merged.update(result)
         return [merged[i] for i in ids]
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        """`method(*args)` on every rank at once (collectives need all of them); per-rank results.
+        E.g. "placements", "expert_load", "apply_placements", "rebalance"."""
+        import ray
+
+        refs = [getattr(rank, method).remote(*args) for rank in self.ranks]
+        return ray.get(refs, timeout=self.timeout_s)
 
     def __enter__(self) -> ExpertParallelGroup:
         return self
@@ -100,8 +138,17 @@ class ExpertParallelGroup:
 
 
 def run_offline_ep(
-    model_dir: Path, specs: Sequence, ep: int, *, dtype: str = "float32", timeout_s: float = 900
+    model_dir: Path,
+    specs: Sequence,
+    ep: int,
+    *,
+    dtype: str = "float32",
+    timeout_s: float = 900,
+    backend: str = "auto",
+    rebalance_every: int | None = None,
 ) -> list[RequestOutput]:
     _validate(model_dir, specs)
-    with ExpertParallelGroup(model_dir, ep, dtype=dtype, timeout_s=timeout_s) as group:
-        return group.generate(specs)
+    with ExpertParallelGroup(
+        model_dir, ep, dtype=dtype, timeout_s=timeout_s, backend=backend
+    ) as group:
+        return group.generate(specs, rebalance_every)

@@ -159,6 +159,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             if participate:
+                self._open_load_step()
                 empty = torch.zeros(0, dtype=torch.int64, device=self.device)
                 self.model(empty, AttentionMetadata.empty(self.device), self.kv_cache)
             return []
@@ -174,6 +175,7 @@ class Engine:
             for b in batch
             for t in b.seq.token_slice(b.seq.num_computed, b.seq.num_computed + b.num_new)
         ]
+        self._open_load_step()
         hidden = self.model(torch.tensor(ids, device=self.device), meta, self.kv_cache)  # [T, H]
         rows = [i for i, b in enumerate(batch) if b.samples]
         for b in batch:
@@ -186,6 +188,13 @@ class Engine:
             logits, [s.params for s in seqs], [s.generator for s in seqs], self._generator
         )
         return [self._append(s, t, lp) for s, t, lp in zip(seqs, tokens, logprobs, strict=True)]
+
+    def _open_load_step(self) -> None:
+        """One expert-load step per forward, opened before it: after a forward the model's
+        `expert_load.totals()` covers exactly the last `window` forwards (empty ones included,
+        so every rank of a lockstep group has the same window)."""
+        if self.model.expert_load is not None:
+            self.model.expert_load.step()
 
     def _append(self, seq: Seq, token: int, logprobs: dict[int, float] | None) -> RequestOutput:
         tracked = self._requests[seq.request_id]

@@ -10,6 +10,7 @@ spinning: the dev and CI machines have 2 cores.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -19,23 +20,40 @@ from workers.engine.engine import Engine, RequestOutput
 __all__ = ["IdleBackoff", "Lockstep", "any_rank_has_work"]
 
 
-def any_rank_has_work(has_work: bool, group=None) -> bool:
-    """Collective: True if any rank of `group` has work. Every rank must call it each step."""
-    flag = torch.tensor([1 if has_work else 0], dtype=torch.int64)
+def any_rank_has_work(has_work: bool, group=None, device: torch.device | str = "cpu") -> bool:
+    """Collective: True if any rank of `group` has work. Every rank must call it each step.
+    `device`: where the flag lives, a CUDA device for NCCL (it reduces only device tensors)."""
+    flag = torch.tensor([1 if has_work else 0], dtype=torch.int64, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return bool(flag.item())
 
 
 class Lockstep:
-    def __init__(self, engine: Engine, group=None) -> None:
+    """Steps one engine together with the other ranks of `group`.
+
+    `after_step(num_steps)`, when set, runs after every group step on every rank, with the same
+    count everywhere: a step boundary where a collective outside the forward (an expert
+    rebalance) is safe. Every rank must set the same hook, or none."""
+
+    def __init__(
+        self, engine: Engine, group=None, after_step: Callable[[int], object] | None = None
+    ) -> None:
         self.engine = engine
         self.group = group
+        self.after_step = after_step
+        self.num_steps = 0  # group steps run, identical on every rank
+        nccl = dist.get_backend(group) == dist.Backend.NCCL
+        self.flag_device = engine.device if nccl else torch.device("cpu")
 
     def step(self) -> list[RequestOutput] | None:
         """One group step: outputs of this rank, or None when no rank of the group has work."""
-        if not any_rank_has_work(self.engine.has_unfinished(), self.group):
+        if not any_rank_has_work(self.engine.has_unfinished(), self.group, self.flag_device):
             return None
-        return self.engine.step(participate=True)
+        outputs = self.engine.step(participate=True)
+        self.num_steps += 1
+        if self.after_step is not None:
+            self.after_step(self.num_steps)
+        return outputs
 
     def run_until_idle(self) -> list[RequestOutput]:
         """Step until every rank's requests are done; returns this rank's finished outputs."""

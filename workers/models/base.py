@@ -19,6 +19,7 @@ from torch import nn
 
 from workers.models.attention import AttentionMetadata
 from workers.moe.experts import RoutedExperts
+from workers.moe.load_stats import ExpertLoad
 from workers.moe.placement import Placement
 
 __all__ = ["CausalLM"]
@@ -31,6 +32,7 @@ class CausalLM(nn.Module):
     vocab_size: int
     kv_token_shape: tuple[int, ...]  # one layer's cache entry for one token
     tie_word_embeddings: bool = False
+    expert_load: ExpertLoad | None = None  # set by track_expert_load; the engine steps it
 
     def __init__(self, config, owned_experts: Sequence[int] | None = None) -> None:
         super().__init__()
@@ -55,6 +57,25 @@ class CausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, RoutedExperts):
                 module.reshard(placement, rank)
+
+    def moe_layers(self) -> list[RoutedExperts]:
+        """The routed experts of every MoE layer, in forward order (index = `layer_index`)."""
+        return [m for m in self.modules() if isinstance(m, RoutedExperts)]
+
+    def track_expert_load(self, window: int) -> ExpertLoad:
+        """Count every MoE layer's logical top-k picks of this rank's own tokens over the last
+        `window` engine steps (the engine opens one load step per forward). Returns the
+        model-wide [layers, logical experts] counter, also kept as `self.expert_load`."""
+        layers = self.moe_layers()
+        if not layers:
+            raise ValueError(f"{type(self).__name__} has no MoE layer: no expert load to track")
+        device = layers[0].w13.device
+        load = ExpertLoad(len(layers), layers[0].num_logical, window, device=device)
+        for index, module in enumerate(layers):
+            module.layer_index = index
+            module.expert_load = load
+        self.expert_load = load
+        return load
 
     def set_dispatcher(self, dispatcher) -> None:
         """Route every MoE layer's tokens through `dispatcher` (expert parallelism); None: local."""

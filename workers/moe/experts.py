@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.moe.load_stats import ExpertLoad
 from workers.moe.placement import Placement, route_to_slots
 
 __all__ = ["RoutedExperts"]
@@ -49,22 +50,43 @@ class RoutedExperts(nn.Module):
         self.placement: Placement | None = None  # set by reshard: routing ids become slots
         self.slot_to_logical: list[int] = list(range(num_experts))  # whose weights an id holds
         self.layer_index = 0  # this MoE layer's position among the model's MoE layers
+        self.expert_load: ExpertLoad | None = None  # model-wide; see CausalLM.track_expert_load
+
+    @property
+    def num_logical(self) -> int:
+        """Logical experts the router picks from (before redundant slots)."""
+        return self.num_experts if self.placement is None else self.placement.num_logical
 
     def reshard(self, placement: Placement, rank: int) -> None:
         """Hold the physical slots `placement` gives `rank` (before loading weights): routing ids
         become slot ids, a redundant slot holds a copy of its logical expert, and tokens routed
         to a replicated expert are spread over its copies."""
+        s, h, i = placement.slots_per_rank, self.hidden, self.intermediate
+        self.set_slots(placement, rank, self.w13.new_empty(s, 2 * i, h), self.w2.new_empty(s, h, i))
+
+    def set_slots(
+        self, placement: Placement, rank: int, w13: torch.Tensor, w2: torch.Tensor
+    ) -> None:
+        """Hold `rank`'s slots of `placement` with weights w13 [S, 2I, H], w2 [S, H, I] (slot
+        order). Replaces the Parameters (never resizes them in place) and every routing field
+        together, so a forward sees either the old slots or the new ones. Local: the other
+        ranks must switch to the same placement before the next dispatch."""
         slots = placement.slots_of_rank(rank)
-        like = {"dtype": self.w13.dtype, "device": self.w13.device}
+        h, i, s = self.hidden, self.intermediate, len(slots)
+        if tuple(w13.shape) != (s, 2 * i, h) or tuple(w2.shape) != (s, h, i):
+            raise ValueError(
+                f"rank {rank} holds {s} slots: need w13 [{s}, {2 * i}, {h}] and w2 [{s}, {h}, {i}],"
+                f" got {list(w13.shape)} and {list(w2.shape)}"
+            )
+        expert_map = torch.full((placement.num_slots,), -1, dtype=torch.int64)
+        expert_map[slots] = torch.arange(s)
+        grad = self.w13.requires_grad
+        self.w13 = nn.Parameter(w13, requires_grad=grad)
+        self.w2 = nn.Parameter(w2, requires_grad=grad)
+        self.expert_map = expert_map.to(w13.device)
         self.num_experts, self.owned = placement.num_slots, slots
         self.slot_to_logical = list(placement.slot_to_logical)
         self.placement = placement
-        h, i = self.hidden, self.intermediate
-        self.w13 = nn.Parameter(torch.empty(len(slots), 2 * i, h, **like))
-        self.w2 = nn.Parameter(torch.empty(len(slots), h, i, **like))
-        expert_map = torch.full((placement.num_slots,), -1, dtype=torch.int64)
-        expert_map[slots] = torch.arange(len(slots))
-        self.expert_map = expert_map.to(self.w13.device)
 
     def checkpoint_names(self, prefix: str) -> dict[str, tuple[int, ...]]:
         """Per-expert checkpoint tensor names (and shapes) this rank needs."""
@@ -93,6 +115,8 @@ class RoutedExperts(nn.Module):
         experts, each rank computes its experts' share, and the shares are summed back here.
         Collective: every rank of the group calls this for every MoE layer, in the same order,
         every step, even with T = 0."""
+        if self.expert_load is not None:  # logical ids of this rank's own tokens, before routing
+            self.expert_load.record(self.layer_index, topk_ids)
         if self.placement is not None:  # logical expert ids -> the slots holding them
             topk_ids = route_to_slots(topk_ids, self.placement)
         if self.dispatcher is None:
