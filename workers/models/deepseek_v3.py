@@ -159,8 +159,9 @@ class DeepseekMoE(nn.Module):
             self.renormalize,
             self.scaling,
         )  # [T, K]
-        out = self.experts(x, ids, weights)  # [T, H]
-        return out if self.shared_experts is None else out + self.shared_experts(x)
+        shared = self.shared_experts
+        # the shared experts run while the routed results travel back (expert parallelism)
+        return self.experts(x, ids, weights, overlap=None if shared is None else lambda: shared(x))
 
 
 class DeepseekV3ForCausalLM(DecoderLM):

@@ -15,6 +15,7 @@ recv_topk_ids, recv_topk_weights): it ignores the experts of each row owned else
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -127,8 +128,13 @@ class LocalDispatcher:
         handle = DispatchHandle(send_token=send, send_splits=[t], recv_splits=[t], num_tokens=t)
         return Dispatched(x, topk_ids, topk_weights, handle)
 
-    def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        return expert_out
+    def combine(
+        self,
+        expert_out: torch.Tensor,
+        handle: DispatchHandle,
+        overlap: Callable[[], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        return expert_out if overlap is None else expert_out + overlap()
 
 
 class AllToAllDispatcher:
@@ -205,20 +211,33 @@ class AllToAllDispatcher:
         handle = DispatchHandle(send_token, send_splits, recv_splits, num_tokens=t)
         return Dispatched(recv_x, recv_ids, recv_weights, handle)
 
-    def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    def combine(
+        self,
+        expert_out: torch.Tensor,
+        handle: DispatchHandle,
+        overlap: Callable[[], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """expert_out [R, H] (rows in `Dispatched` order) -> y [T, H] in expert_out.dtype: per
         source token, the sum of the partial outputs of every rank it went to. Collective.
 
+        `overlap` (e.g. the shared experts) runs while the all-to-all is in flight; its [T, H]
+        result is added after the routed sum, the same order as without expert parallelism.
         Deterministic, also on CUDA: partials are added one destination rank at a time in rank
         order, and inside one rank's block a token appears once, so index_add_ never collides."""
-        back = self._exchange(expert_out.contiguous(), handle.recv_splits, handle.send_splits)
+        send = expert_out.contiguous()
+        back = send.new_empty((sum(handle.send_splits), send.shape[1]))
+        work = dist.all_to_all_single(
+            back, send, handle.send_splits, handle.recv_splits, group=self.group, async_op=True
+        )
+        extra = overlap() if overlap is not None else None
+        work.wait()
         y = expert_out.new_zeros(handle.num_tokens, expert_out.shape[1])  # [T, H]
         start = 0
         for n in handle.send_splits:
             if n:
                 y.index_add_(0, handle.send_token[start : start + n], back[start : start + n])
             start += n
-        return y
+        return y if extra is None else y + extra
 
 
 def make_dispatcher(

@@ -8,7 +8,7 @@ Checkpoints store them per expert (`{prefix}.{e}.gate_proj.weight` ...); see `ch
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -107,23 +107,29 @@ class RoutedExperts(nn.Module):
             self.w2[local].copy_(tensors[f"{prefix}.{e}.down_proj.weight"])
 
     def forward(
-        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        overlap: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x [T, H], topk_ids [T, K], topk_weights [T, K] -> [T, H]: the MoE output of this
         rank's tokens. Without a dispatcher this rank must own every expert it is routed to.
         With one (expert parallelism) each token travels once to every rank owning one of its
         experts, each rank computes its experts' share, and the shares are summed back here.
-        Collective: every rank of the group calls this for every MoE layer, in the same order,
-        every step, even with T = 0."""
+        `overlap` (the shared experts) runs while the combine all-to-all is in flight and its
+        [T, H] result is added last. Collective: every rank of the group calls this for every
+        MoE layer, in the same order, every step, even with T = 0."""
         if self.expert_load is not None:  # logical ids of this rank's own tokens, before routing
             self.expert_load.record(self.layer_index, topk_ids)
         if self.placement is not None:  # logical expert ids -> the slots holding them
             topk_ids = route_to_slots(topk_ids, self.placement)
         if self.dispatcher is None:
-            return self.compute(x, topk_ids, topk_weights)
+            out = self.compute(x, topk_ids, topk_weights)
+            return out if overlap is None else out + overlap()
         d = self.dispatcher.dispatch(x, topk_ids, topk_weights, layer=self.layer_index)
         y = self.compute(d.recv_x, d.recv_topk_ids, d.recv_topk_weights)  # [R, H]
-        return self.dispatcher.combine(y, d.handle)
+        return self.dispatcher.combine(y, d.handle, overlap)
 
     def compute(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
