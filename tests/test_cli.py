@@ -123,3 +123,30 @@ def test_bad_jsonl_line_names_line_and_field(model, tmp_path):
 def test_missing_model_dir_is_a_clear_error(tmp_path):
     proc = _run("offline", "--model", str(tmp_path / "nope"), "--prompt", "hi", check=False)
     assert proc.returncode == 2 and "--model" in proc.stderr and "config.json" in proc.stderr
+
+
+def test_offline_ep2_prints_the_same_json_as_ep1(model):
+    args = (
+        "offline",
+        "--model",
+        str(model),
+        "--max-tokens",
+        "5",
+        "--ignore-eos",
+        "--json",
+        "--prompt",
+        "Hello world",
+        "--prompt-ids",
+        "1,2,3",
+        "--prompt-ids",
+        "9,8,7,6",
+    )
+    single = _run(*args)
+    expert_parallel = _run(*args, "--ep", "2")
+    assert expert_parallel.stdout == single.stdout
+    assert len(expert_parallel.stdout.strip().splitlines()) == 3
+
+
+def test_bad_ep_size_is_a_clear_error(model):
+    proc = _run("offline", "--model", str(model), "--prompt", "hi", "--ep", "0", check=False)
+    assert proc.returncode == 2 and "error: --ep:" in proc.stderr
