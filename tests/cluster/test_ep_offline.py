@@ -4,7 +4,6 @@ greedy tokens of `--ep 1` (which the parity tests tie to transformers), for ever
 from __future__ import annotations
 
 import pytest
-import ray
 import torch
 
 from cluster.ep_offline import run_offline_ep
@@ -13,13 +12,6 @@ from workers.engine import SamplingParams
 from workers.engine.build import build_engine
 
 PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _specs(n: int = 6) -> list[PromptSpec]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from cluster.ep_offline import ExpertParallelGroup
@@ -23,13 +22,6 @@ pytestmark = pytest.mark.timeout(120)
 MAX_TOKENS = 12
 PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 NUM_REDUNDANT = 2  # mixtral: 8 experts + 2 copies = 10 slots, 5 per rank
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _specs(n: int = 6) -> list[PromptSpec]:

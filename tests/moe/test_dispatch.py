@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.spawn import run_spawned
 from workers.moe.dispatch import AllToAllDispatcher, LocalDispatcher, make_dispatcher
 from workers.moe.experts import RoutedExperts
 from workers.moe.gating import softmax_topk
@@ -150,19 +150,7 @@ def _run_cases(rank: int, world: int) -> dict:
 def ranks(request, tmp_path_factory) -> tuple[int, list[dict]]:
     world = request.param
     tmp = tmp_path_factory.mktemp(f"dispatch{world}")
-    ctx = mp.start_processes(
-        _child, args=(world, str(tmp)), nprocs=world, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail(f"{world} dispatch ranks did not finish in {JOIN_TIMEOUT_S} s")
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
-        errs = sorted(Path(tmp).glob("*.err"), key=lambda f: int(f.name.split(".")[0]))
-        pytest.fail("\n".join(f.read_text() for f in errs) or str(err), pytrace=False)
+    run_spawned(_child, (world, str(tmp)), world, tmp, JOIN_TIMEOUT_S)
     return world, [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
 
 

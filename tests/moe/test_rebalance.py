@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.spawn import run_spawned
 from workers.moe.dispatch import AllToAllDispatcher
 from workers.moe.experts import RoutedExperts
 from workers.moe.gating import softmax_topk
@@ -228,19 +228,7 @@ def _run(rank: int) -> dict:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("rebalance")
-    ctx = mp.start_processes(
-        _child, args=(str(tmp),), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail(f"{WORLD} rebalance ranks did not finish in {JOIN_TIMEOUT_S} s")
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
-        errs = sorted(Path(tmp).glob("*.err"), key=lambda f: int(f.name.split(".")[0]))
-        pytest.fail("\n".join(f.read_text() for f in errs) or str(err), pytrace=False)
+    run_spawned(_child, (str(tmp),), WORLD, tmp, JOIN_TIMEOUT_S)
     return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
