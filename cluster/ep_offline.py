@@ -9,6 +9,7 @@ Ray when none is running, and always tears the actors (and the Ray it started) d
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from workers.engine.build import load_tokenizer
 from workers.engine.inputs import PromptLimits, encode_prompt
 from workers.loader import load_config
 
-__all__ = ["ExpertParallelGroup", "run_offline_ep"]
+__all__ = ["ExpertParallelGroup", "GroupError", "run_offline_ep"]
 
 
 def _free_port() -> int:
@@ -39,6 +40,10 @@ def _validate(model_dir: Path, specs: Sequence) -> None:
             spec.params.validate(config.vocab_size)
         except InvalidRequestError as e:
             raise InvalidRequestError(e.field, f"{spec.source}: {e}") from None
+
+
+class GroupError(RuntimeError):
+    """A rank of the group failed or timed out; the message says which and why."""
 
 
 class ExpertParallelGroup:
@@ -94,14 +99,12 @@ class ExpertParallelGroup:
 
     def ready(self) -> None:
         """Wait until every rank has joined the group and loaded its experts."""
-        import ray
 
-        ray.get([r.ready.remote() for r in self.ranks], timeout=self.timeout_s)
+        self._get([r.ready.remote() for r in self.ranks])
 
     def generate(self, specs: Sequence, rebalance_every: int | None = None) -> list[RequestOutput]:
         """Spread prompts round-robin over the ranks; outputs in input order. `rebalance_every`:
         re-place the experts from the observed load after every that many group steps."""
-        import ray
 
         ids = [f"p{i}" for i in range(len(specs))]
         shares = [
@@ -113,17 +116,42 @@ class ExpertParallelGroup:
             for rank, share in zip(self.ranks, shares, strict=True)
         ]
         merged: dict[str, RequestOutput] = {}
-        for result in ray.get(refs, timeout=self.timeout_s):
+        for result in self._get(refs):
             merged.update(result)
         return [merged[i] for i in ids]
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """`method(*args)` on every rank at once (collectives need all of them); per-rank results.
         E.g. "placements", "expert_load", "apply_placements", "rebalance"."""
-        import ray
 
         refs = [getattr(rank, method).remote(*args) for rank in self.ranks]
-        return ray.get(refs, timeout=self.timeout_s)
+        return self._get(refs)
+
+    def _get(self, refs: list) -> list:
+        """ray.get with the group's deadline; a failed or stuck rank becomes one clear error."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayError
+
+        deadline = time.monotonic() + self.timeout_s
+        pending = list(refs)
+        try:
+            while pending:  # fail fast: a dead rank leaves its peers blocked in a collective
+                left = deadline - time.monotonic()
+                done, pending = ray.wait(pending, num_returns=1, timeout=max(left, 0))
+                if not done:
+                    raise GetTimeoutError()
+                ray.get(done[0])
+            return ray.get(refs)
+        except GetTimeoutError:
+            raise GroupError(
+                f"the {self.ep}-rank group did not answer within {self.timeout_s:.0f} s"
+            ) from None
+        except RayError as e:
+            cause = getattr(e, "cause", None) or e
+            lines = str(cause).strip().splitlines()
+            raise GroupError(
+                f"an expert-parallel rank failed: {lines[-1] if lines else cause}"
+            ) from None
 
     def __enter__(self) -> ExpertParallelGroup:
         return self

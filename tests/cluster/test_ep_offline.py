@@ -38,3 +38,16 @@ def test_ep_size_that_does_not_divide_the_experts_uses_redundant_slots(tiny_chec
     specs = _specs(5)
     reference = [o.token_ids for o in run_offline(build_engine(path), specs)]
     assert [o.token_ids for o in run_offline_ep(path, specs, 3, timeout_s=300)] == reference
+
+
+def test_a_failing_rank_is_one_clear_error(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from cluster.ep_offline import GroupError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint("mixtral"), broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(GroupError, match="rank failed") as err:
+        run_offline_ep(broken, _specs(2), 2, timeout_s=120)
+    assert "Traceback" not in str(err.value)
