@@ -1,0 +1,220 @@
+"""ClusterConfig: defaults, round trips (args, JSON, YAML), overrides, errors people read."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from cluster.config import ClusterConfig, ConfigError, json_schema
+
+MODEL = {"path": "/models/tiny"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    """Overrides tests/cluster/conftest.py: these tests are pure and must not start Ray."""
+    yield
+
+
+def _error(args: dict) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        ClusterConfig.from_args(args)
+    return info.value
+
+
+def test_defaults_are_the_embedded_cpu_shape():
+    cfg = ClusterConfig.from_args({"model": MODEL})
+    assert (cfg.prefill.gang_size, cfg.prefill.num_gangs, cfg.prefill.num_replicas) == (2, 1, 2)
+    assert (cfg.decode.gang_size, cfg.decode.num_gangs, cfg.decode.num_replicas) == (2, 1, 2)
+    assert cfg.model.dtype == "float32" and cfg.model.max_model_len is None
+    assert cfg.prefill.num_gpus_per_rank == 0 and 0 < cfg.prefill.num_cpus_per_rank < 1
+    assert cfg.prefill.autoscaling is None and cfg.decode.kv_blocks is None
+    assert cfg.decode.block_size == 16
+    assert cfg.router.port == 9000 and cfg.router.auth_tokens == []
+    assert (cfg.router.max_stop_strings, cfg.router.max_stop_string_chars) == (16, 256)
+
+
+def _custom() -> ClusterConfig:
+    return ClusterConfig.from_args(
+        {
+            "model": {"path": "/m", "dtype": "bfloat16", "max_model_len": 4096},
+            "prefill": {
+                "gang_size": 4,
+                "num_gangs": 2,
+                "placement_strategy": "SPREAD",
+                "step_token_budget": 8192,
+                "num_gpus_per_rank": 1,
+                "autoscaling": {"min_gangs": 1, "max_gangs": 3, "target_queued_prompt_tokens": 99},
+            },
+            "decode": {
+                "gang_size": 8,
+                "kv_blocks": 1000,
+                "autoscaling": {"min_gangs": 1, "max_gangs": 4, "target_kv_usage": 0.5},
+            },
+            "router": {"port": 9100, "auth_tokens": ["s3cret"], "request_timeout_s": 5},
+        }
+    )
+
+
+def test_to_args_round_trips_through_json_and_from_args():
+    cfg = _custom()
+    args = json.loads(json.dumps(cfg.to_args()))  # JSON-able, as Serve and KubeRay carry it
+    assert ClusterConfig.from_args(args) == cfg
+    assert args["prefill"]["autoscaling"]["max_gangs"] == 3 and args["decode"]["gang_size"] == 8
+    assert ClusterConfig.from_args(cfg) is cfg
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = _custom()
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_args()))
+    assert ClusterConfig.from_yaml(path) == cfg
+
+
+def test_yaml_without_model_takes_it_from_a_flag(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text("decode:\n  num_gangs: 2\n")
+    cfg = ClusterConfig.from_yaml(path, model="/m", port=None)
+    assert cfg.model.path == "/m" and cfg.decode.num_replicas == 4 and cfg.router.port == 9000
+
+
+@pytest.mark.parametrize(
+    "text, fix",
+    [(None, "cannot read"), ("a: [1", "not valid YAML"), ("- 1\n- 2\n", "must hold a mapping")],
+)
+def test_bad_yaml_files_say_why(tmp_path, text, fix):
+    path = tmp_path / "bad.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=fix) as info:
+        ClusterConfig.from_yaml(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "section, values, path, fix",
+    [
+        ("prefill", {"gang_size": -2}, "prefill.gang_size", "must be >= 1 (got -2)"),
+        ("decode", {"num_gangs": 0}, "decode.num_gangs", "must be >= 1 (got 0)"),
+        ("prefill", {"gang_sise": 2}, "prefill.gang_sise", "did you mean 'gang_size'?"),
+        ("decode", {"placement_strategy": "spread"}, "decode.placement_strategy", "'SPREAD'"),
+        ("router", {"port": 70000}, "router.port", "must be <= 65535 (got 70000)"),
+        ("router", {"auth_tokens": ["ok", ""]}, "router.auth_tokens", "remove them"),
+        (
+            "prefill",
+            {"autoscaling": {"min_gangs": 3, "max_gangs": 2}},
+            "prefill.autoscaling.max_gangs",
+            "below min_gangs (3)",
+        ),
+        (
+            "decode",
+            {"autoscaling": {"target_kv_usage": 1.5}},
+            "decode.autoscaling.target_kv_usage",
+            "must be <= 1",
+        ),
+        (
+            "decode",
+            {"num_gangs": 5, "autoscaling": {"min_gangs": 1, "max_gangs": 4}},
+            "decode.num_gangs",
+            "outside autoscaling [1, 4]",
+        ),
+        ("model", {"dtype": "fp8"}, "model.dtype", "must be 'float32' or 'bfloat16' (got 'fp8')"),
+    ],
+)
+def test_bad_input_names_the_field_and_the_fix(section, values, path, fix):
+    args = {"model": dict(MODEL)}
+    args[section] = {**args.get(section, {}), **values}
+    err = _error(args)
+    assert [p for p, _ in err.problems] == [path]
+    line = str(err).splitlines()[1]
+    assert line.startswith(f"{path}: ") and fix in line, line
+
+
+def test_every_problem_is_listed_on_its_own_line_without_a_pydantic_dump():
+    err = _error(
+        {
+            "prefill": {"gang_size": 0, "num_gangs": "two"},
+            "router": {"port": 0},
+            "extra": 1,
+        }
+    )
+    lines = str(err).splitlines()
+    assert lines[0] == "invalid cluster config:"
+    assert {line.split(":")[0] for line in lines[1:]} == {
+        "model",
+        "prefill.gang_size",
+        "prefill.num_gangs",
+        "router.port",
+        "extra",
+    }
+    assert "model: is required" in str(err) and "unknown key" in str(err)
+    for dump in ("validation error", "errors.pydantic.dev", "type=", "Input should"):
+        assert dump not in str(err)
+
+
+def test_secrets_stay_out_of_errors_and_repr():
+    err = _error({"model": MODEL, "router": {"auth_tokens": "hunter2"}})
+    assert "router.auth_tokens" in str(err) and "hunter2" not in str(err)
+    cfg = ClusterConfig.from_args({"model": MODEL, "router": {"auth_tokens": ["hunter2"]}})
+    assert "hunter2" not in repr(cfg) and cfg.to_args()["router"]["auth_tokens"] == ["hunter2"]
+
+
+def test_missing_or_non_mapping_args():
+    assert [p for p, _ in _error({}).problems] == ["model"]
+    with pytest.raises(ConfigError, match="model: is required"):
+        ClusterConfig.from_args(None)
+    with pytest.raises(ConfigError, match="args: expected a mapping, got list"):
+        ClusterConfig.from_args([1, 2])  # type: ignore[arg-type]
+
+
+def test_with_overrides_applies_cli_flags_and_validates():
+    cfg = ClusterConfig.from_args({"model": MODEL})
+    new = cfg.with_overrides(prefill_gangs=2, prefill_gang_size=3, decode_gang_size=4, port=9001)
+    assert (new.prefill.num_gangs, new.prefill.gang_size, new.prefill.num_replicas) == (2, 3, 6)
+    assert (new.decode.gang_size, new.decode.num_replicas, new.router.port) == (4, 4, 9001)
+    assert cfg.prefill.num_gangs == 1  # the original is untouched (configs are frozen)
+    assert cfg.with_overrides(decode_gangs=None) == cfg  # unset CLI flags change nothing
+    with pytest.raises(ConfigError) as info:
+        cfg.with_overrides(decode_gangs=0, port=70000)
+    assert [p for p, _ in info.value.problems] == ["decode.num_gangs", "router.port"]
+    with pytest.raises(ConfigError, match="prefill_gnags: unknown override; use one of"):
+        cfg.with_overrides(prefill_gnags=2)
+
+
+def test_dotted_keys_as_serve_run_passes_them_without_mutating_the_args():
+    args = {"model": dict(MODEL), "model.dtype": "bfloat16", "decode.num_gangs": "3"}
+    before = copy.deepcopy(args)
+    cfg = ClusterConfig.from_args(args)
+    assert cfg.model.dtype == "bfloat16" and cfg.decode.num_gangs == 3
+    assert args == before
+
+
+@pytest.mark.parametrize("gang_size, num_gangs", [(1, 1), (2, 3), (4, 2), (8, 5)])
+def test_num_replicas_is_a_whole_number_of_gangs(gang_size, num_gangs):
+    cfg = ClusterConfig.from_args(
+        {"model": MODEL, "decode": {"gang_size": gang_size, "num_gangs": num_gangs}}
+    )
+    assert cfg.decode.num_replicas == gang_size * num_gangs
+    assert cfg.decode.num_replicas % cfg.decode.gang_size == 0
+
+
+def _models(model: type[BaseModel]):
+    yield model
+    for field in model.model_fields.values():
+        for sub in (field.annotation, *getattr(field.annotation, "__args__", ())):
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                yield from _models(sub)
+
+
+def test_every_field_is_described_and_in_the_json_schema():
+    for model in _models(ClusterConfig):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+    schema = json_schema()
+    assert schema["required"] == ["model"]
+    assert schema["additionalProperties"] is False
+    assert schema["$defs"]["RouterConfig"]["properties"]["port"]["maximum"] == 65535
