@@ -1,6 +1,7 @@
 """Per-rank engine: paged KV cache, continuous batching, sampling, detokenization."""
 
 from workers.engine.engine import Engine, EngineConfig, EngineStats, RequestOutput
+from workers.engine.handoff import KVHandoff
 from workers.engine.params import InvalidRequestError, QueueFullError, SamplingParams
 from workers.engine.scheduler import SchedulerConfig
 
@@ -9,6 +10,7 @@ __all__ = [
     "EngineConfig",
     "EngineStats",
     "InvalidRequestError",
+    "KVHandoff",
     "QueueFullError",
     "RequestOutput",
     "SamplingParams",

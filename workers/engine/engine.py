@@ -15,6 +15,7 @@ import torch
 
 from workers.engine.block_manager import BlockManager
 from workers.engine.detokenizer import IncrementalDetokenizer
+from workers.engine.handoff import KVHandoff
 from workers.engine.inputs import PromptLimits, encode_prompt
 from workers.engine.params import InvalidRequestError, SamplingParams
 from workers.engine.sampler import sample
@@ -45,8 +46,9 @@ class RequestOutput:
     new_token_ids: list[int]  # tokens added by this step
     new_text: str  # text released by this step (held back while it may start a stop string)
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished; "handoff" below
     logprobs: list[dict[int, float]] | None = None
+    handoff: KVHandoff | None = None  # prefill_only requests: the prompt's KV for a decode rank
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class _Tracked:
     detok: IncrementalDetokenizer | None
     emitted_chars: int = 0
     emitted_tokens: int = 0
+    prefill_only: bool = False  # stop after the first token and export the prompt's KV
 
 
 class Engine:
@@ -112,8 +115,11 @@ class Engine:
         params: SamplingParams,
         prompt: str | None = None,
         prompt_token_ids: Sequence[int] | None = None,
+        prefill_only: bool = False,
     ) -> None:
-        """Validate and queue a request. Raises InvalidRequestError or QueueFullError."""
+        """Validate and queue a request. Raises InvalidRequestError or QueueFullError.
+        `prefill_only`: finish after the first token with finish_reason "handoff" and the
+        prompt's KV in `RequestOutput.handoff` (unless the first token already ends it)."""
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         ids = self.encode(prompt, prompt_token_ids)
@@ -123,7 +129,57 @@ class Engine:
             seq.generator = torch.Generator().manual_seed(params.seed)
         detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer else None
         self.scheduler.add(seq)
-        self._requests[request_id] = _Tracked(seq, detok)
+        self._requests[request_id] = _Tracked(seq, detok, prefill_only=prefill_only)
+
+    def add_prefilled(self, handoff: KVHandoff) -> None:
+        """Continue a request a prefill rank started: its prompt's KV goes into this rank's
+        blocks and decoding resumes after the first token (not emitted again). When the blocks
+        are not free now, the request waits and recomputes its prompt here instead."""
+        rid = handoff.request_id
+        if rid in self._requests:
+            raise InvalidRequestError("request_id", f"{rid!r} is already running")
+        ids = self.encode(None, handoff.prompt_token_ids)
+        handoff.params.validate(self.vocab_size)
+        seq = Seq(rid, ids, handoff.params, arrival=next(self._arrivals))
+        seq.output_token_ids.append(handoff.first_token)
+        seq.logprobs = list(handoff.logprobs or [])
+        if handoff.generator_state is not None:
+            seq.generator = torch.Generator()
+            seq.generator.set_state(handoff.generator_state)
+        detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer else None
+        if detok is not None:
+            seq.text = detok.add(handoff.first_token)
+        tracked = _Tracked(seq, detok, emitted_chars=len(seq.text), emitted_tokens=1)
+        if self.blocks.can_allocate(seq, seq.num_tokens):
+            self.blocks.allocate(seq, seq.num_tokens)
+            slots = self._slots(seq, len(ids))
+            for cache, kv in zip(self.kv_cache, handoff.kv, strict=True):
+                cache.index_copy_(0, slots, kv.to(cache.device, cache.dtype))
+            seq.num_computed = len(ids)
+            self.scheduler.adopt_running(seq)
+        else:
+            self.scheduler.add(seq)
+        self._requests[rid] = tracked
+
+    def _slots(self, seq: Seq, n: int) -> torch.Tensor:
+        """Cache slots of `seq`'s first n tokens: [n] int64."""
+        bs = self.blocks.block_size
+        table = torch.as_tensor(seq.block_table, dtype=torch.int64)
+        pos = torch.arange(n)
+        return (table[pos // bs] * bs + pos % bs).to(self.device)
+
+    def _export(self, seq: Seq) -> KVHandoff:
+        p = len(seq.prompt_token_ids)
+        slots = self._slots(seq, p)
+        return KVHandoff(
+            request_id=seq.request_id,
+            prompt_token_ids=list(seq.prompt_token_ids),
+            first_token=seq.output_token_ids[0],
+            params=seq.params,
+            kv=[cache[slots].cpu().contiguous() for cache in self.kv_cache],
+            generator_state=None if seq.generator is None else seq.generator.get_state(),
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+        )
 
     def encode(self, prompt: str | None, prompt_token_ids: Sequence[int] | None) -> list[int]:
         """The prompt as token ids, checked against the vocabulary, context and KV capacity."""
@@ -212,6 +268,9 @@ class Engine:
             len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
         ):
             reason = "length"
+        handoff = None
+        if reason is None and tracked.prefill_only:
+            handoff, reason = self._export(seq), "handoff"
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self._requests[seq.request_id]
@@ -231,6 +290,7 @@ class Engine:
             finished=reason is not None,
             finish_reason=reason,
             logprobs=list(seq.logprobs) if p.logprobs is not None else None,
+            handoff=handoff,
         )
 
     @staticmethod

@@ -97,6 +97,11 @@ class Scheduler:
             budget -= n
         return batch
 
+    def adopt_running(self, seq: Sequence) -> None:
+        """Take a sequence whose blocks are allocated and KV filled (a handed-over prompt)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark `seq` finished (stop/length/abort) and release its blocks."""
         if seq in self.running:

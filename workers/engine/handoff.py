@@ -1,0 +1,32 @@
+"""The prompt's KV, handed from a prefill rank to a decode rank (disaggregated serving).
+
+A prefill rank runs the prompt, samples the first token and exports the prompt's cache entries;
+a decode rank imports them into its own blocks and continues from the first token. For MLA the
+entries are the compressed latent + rope key, so the handoff is small. Everything in it is plain
+CPU data so it can travel through the Ray object store (or, later, a GPU-direct transport).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.engine.params import SamplingParams
+
+__all__ = ["KVHandoff"]
+
+
+@dataclass(frozen=True)
+class KVHandoff:
+    request_id: str
+    prompt_token_ids: list[int]  # P tokens whose KV is in `kv`
+    first_token: int  # sampled by the prefill rank (already streamed to the client)
+    params: SamplingParams  # the request's sampling parameters, unchanged
+    kv: list[torch.Tensor]  # per layer [P, *kv_token_shape], CPU, contiguous
+    generator_state: torch.Tensor | None  # seeded requests continue the same random stream
+    logprobs: list[dict[int, float]] | None  # the first token's logprobs, if asked for
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kv)
