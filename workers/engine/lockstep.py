@@ -72,6 +72,9 @@ class IdleBackoff:
 
     def idle(self) -> None:
         time.sleep(self.current)
+        self.grow()
+
+    def grow(self) -> None:
         self.current = min(self.max_s, self.current * 2)
 
     def busy(self) -> None:
