@@ -7,7 +7,7 @@ TORCH_CPU := torch==2.13.0
 STAMP := $(VENV)/.installed
 TINY := .cache/tiny-qwen3
 
-.PHONY: install run test lint typecheck unit bench clean
+.PHONY: install run test lint typecheck unit bench clean proto
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ unit: install
 	$(BIN)/python -m pytest -q tests
 
 test: lint unit
+
+# Regenerate router/proto/gen from the .proto files (commit the result; a test checks it is current).
+proto: install
+	$(BIN)/python router/proto/generate.py
 
 bench: install
 	$(BIN)/python bench/offline.py
