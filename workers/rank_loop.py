@@ -52,8 +52,13 @@ class RankLoop:
         return self
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop this loop; in a lockstep group, the whole group stops at the same step."""
         self._stop.set()
         self._wake.set()
+        self.join(timeout_s)
+
+    def join(self, timeout_s: float) -> None:
+        """Wait until the loop has ended (e.g. a peer rank stopped the group)."""
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             raise TimeoutError(f"rank loop did not stop within {timeout_s} s")
@@ -136,11 +141,16 @@ class RankLoop:
             raise
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
+        while True:
             self._drain()
             outputs: list[RequestOutput] | None
-            if self.lockstep is not None:
+            if self.lockstep is not None:  # leave only when the whole group agrees to stop
+                self.lockstep.stop_requested = self._stop.is_set()
                 outputs = self.lockstep.step()
+                if self.lockstep.stopped:
+                    return
+            elif self._stop.is_set():
+                return
             else:
                 outputs = self.engine.step() if self.engine.has_unfinished() else None
             self._stats = self.engine.stats()

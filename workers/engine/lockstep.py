@@ -4,7 +4,9 @@ Every MoE layer is a collective, so all ranks of a group must run each step toge
 step the ranks agree on whether any of them has work (one tiny all-reduce); if so every rank
 steps, a rank without work running an empty step (zero tokens dispatched). When the whole group
 is idle, `Lockstep.step` returns None and the caller backs off (`IdleBackoff`) instead of
-spinning: the dev and CI machines have 2 cores.
+spinning: the dev and CI machines have 2 cores. Stopping is agreed the same way: one rank's
+`stop_requested` reaches every rank in the same all-reduce, so no rank leaves while a peer waits
+in a collective.
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ import torch.distributed as dist
 
 from workers.engine.engine import Engine, RequestOutput
 
-__all__ = ["IdleBackoff", "Lockstep", "any_rank_has_work"]
+__all__ = ["IdleBackoff", "Lockstep", "any_rank"]
 
 
-def any_rank_has_work(has_work: bool, group=None, device: torch.device | str = "cpu") -> bool:
-    """Collective: True if any rank of `group` has work. Every rank must call it each step.
-    `device`: where the flag lives, a CUDA device for NCCL (it reduces only device tensors)."""
-    flag = torch.tensor([1 if has_work else 0], dtype=torch.int64, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return bool(flag.item())
+def any_rank(flags: list[bool], group=None, device: torch.device | str = "cpu") -> list[bool]:
+    """Collective: element-wise OR of `flags` over the ranks of `group` (one tiny all-reduce).
+    `device`: where the flags live, a CUDA device for NCCL (it reduces only device tensors)."""
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in t.tolist()]
 
 
 class Lockstep:
@@ -42,12 +44,22 @@ class Lockstep:
         self.group = group
         self.after_step = after_step
         self.num_steps = 0  # group steps run, identical on every rank
+        self.stop_requested = False  # set by this rank (any thread) to stop the whole group
+        self.stopped = False  # the group agreed to stop: step() returns None from now on
         nccl = dist.get_backend(group) == dist.Backend.NCCL
         self.flag_device = engine.device if nccl else torch.device("cpu")
 
     def step(self) -> list[RequestOutput] | None:
-        """One group step: outputs of this rank, or None when no rank of the group has work."""
-        if not any_rank_has_work(self.engine.has_unfinished(), self.group, self.flag_device):
+        """One group step: outputs of this rank, or None when no rank of the group has work (or
+        the group agreed to stop: see `stopped`)."""
+        if self.stopped:
+            return None
+        work, stop = any_rank(
+            [self.engine.has_unfinished(), self.stop_requested], self.group, self.flag_device
+        )
+        if stop:
+            self.stopped = True
+        if stop or not work:
             return None
         outputs = self.engine.step(participate=True)
         self.num_steps += 1

@@ -1,0 +1,71 @@
+"""Two expert-parallel ranks, each driven by its RankLoop thread in lockstep (the serving shape):
+requests sent to one rank only stream the single-engine tokens while the idle peer runs empty
+steps; one rank's stop ends both loops at the same step."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import traceback
+from pathlib import Path
+
+import pytest
+
+from tests.spawn import run_spawned
+
+WORLD = 2
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [40] * 12]
+JOIN_TIMEOUT_S = 240
+
+
+def _child(rank: int, ckpt: str, tmp: str) -> None:
+    try:
+        from workers.engine import SamplingParams
+        from workers.engine.build import build_engine
+        from workers.ep_rank import ExpertParallelRank
+        from workers.rank_loop import RankLoop
+
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        member = ExpertParallelRank(
+            ckpt, rank=rank, world_size=WORLD, init_method=f"file://{tmp}/store"
+        )
+        loop = RankLoop(member.engine, member.lockstep).start()
+        result: dict = {"rank": rank}
+        if rank == 0:
+
+            async def main():
+                async def one(p):
+                    return [t async for o in loop.generate(params, p) for t in o.new_token_ids]
+
+                return await asyncio.wait_for(asyncio.gather(*(one(p) for p in PROMPTS)), 120)
+
+            result["tokens"] = asyncio.run(main())
+            reference = build_engine(ckpt).generate([(p, params) for p in PROMPTS])
+            result["reference"] = [o.token_ids for o in reference]
+            loop.stop(60)  # stops the whole group
+        else:
+            loop.join(180)  # ends when rank 0 stops the group
+        result["stopped"] = member.lockstep.stopped
+        result["kv_used"] = member.engine.stats().kv_blocks_used
+        member.close()
+        Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
+    except BaseException:
+        Path(tmp, f"{rank}.err").write_text(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+
+
+@pytest.fixture(scope="module")
+def results(tiny_checkpoint, tmp_path_factory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("loopgroup")
+    ckpt = str(tiny_checkpoint("qwen3_moe"))
+    run_spawned(_child, (ckpt, str(tmp)), WORLD, tmp, JOIN_TIMEOUT_S)
+    return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def test_requests_on_one_rank_match_a_single_engine(results):
+    assert results[0]["tokens"] == results[0]["reference"]
+
+
+def test_one_stop_ends_the_group_and_frees_everything(results):
+    assert all(r["stopped"] for r in results)
+    assert all(r["kv_used"] == 0 for r in results)
