@@ -1,0 +1,68 @@
+"""gRPC `GenerateRequest` -> the engine's plain request types, with every input check.
+
+Errors are `InvalidRequestError`s whose `field` is the request's field path (`sampling.top_p`,
+`prompt_token_ids`), for the servicer to map to INVALID_ARGUMENT with the message as-is.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from workers.engine.inputs import PromptLimits, encode_prompt
+from workers.engine.params import InvalidRequestError, SamplingParams
+
+__all__ = ["ParsedGenerate", "parse_generate"]
+
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class ParsedGenerate:
+    request_id: str  # the client's, or a fresh one
+    prompt_token_ids: list[int]  # validated against the vocabulary and the context length
+    params: SamplingParams  # validated
+
+
+def _sampling(req) -> SamplingParams:
+    s = req.sampling
+
+    def opt(name: str, default):
+        return getattr(s, name) if s.HasField(name) else default
+
+    return SamplingParams(
+        max_tokens=s.max_tokens or DEFAULT_MAX_TOKENS,
+        temperature=opt("temperature", 1.0),
+        top_p=opt("top_p", 1.0),
+        top_k=s.top_k,
+        seed=opt("seed", None),
+        stop=tuple(s.stop),
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        logprobs=opt("logprobs", None),
+    )
+
+
+def parse_generate(
+    req, tokenizer, limits: PromptLimits, new_id: Callable[[], str] = lambda: uuid.uuid4().hex
+) -> ParsedGenerate:
+    """Check a `moe.v1.GenerateRequest` and turn it into engine inputs."""
+    if bool(req.prompt) == bool(len(req.prompt_token_ids)):
+        raise InvalidRequestError(
+            "prompt", "give exactly one of prompt (non-empty text) or prompt_token_ids"
+        )
+    params = _sampling(req)
+    try:
+        params.validate(limits.vocab_size)
+    except InvalidRequestError as e:
+        message = str(e).removeprefix(f"{e.field}: ")
+        raise InvalidRequestError(f"sampling.{e.field}", message) from None
+    ids = encode_prompt(tokenizer, limits, req.prompt or None, list(req.prompt_token_ids) or None)
+    if len(ids) + params.max_tokens > limits.max_model_len:
+        raise InvalidRequestError(
+            "sampling.max_tokens",
+            f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+            f"length {limits.max_model_len}; lower max_tokens or shorten the prompt",
+        )
+    return ParsedGenerate(req.request_id or new_id(), ids, params)
