@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from workers.engine.inputs import PromptLimits, encode_prompt
 from workers.engine.params import InvalidRequestError, SamplingParams
 
-__all__ = ["ParsedGenerate", "parse_generate"]
+__all__ = ["ParsedGenerate", "StopLimits", "parse_generate"]
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -44,8 +44,34 @@ def _sampling(req) -> SamplingParams:
     )
 
 
+@dataclass(frozen=True)
+class StopLimits:
+    """The router's own caps on stop strings (tighter than the engine's, from the config)."""
+
+    max_strings: int = 16
+    max_chars: int = 256
+
+
+def _check_stop(stop, caps: StopLimits) -> None:
+    if len(stop) > caps.max_strings:
+        raise InvalidRequestError(
+            "sampling.stop",
+            f"{len(stop)} stop strings, at most {caps.max_strings} are accepted; send fewer",
+        )
+    for i, s in enumerate(stop):
+        if not 0 < len(s) <= caps.max_chars:
+            raise InvalidRequestError(
+                f"sampling.stop[{i}]",
+                f"has {len(s)} characters; each stop string needs 1..{caps.max_chars}",
+            )
+
+
 def parse_generate(
-    req, tokenizer, limits: PromptLimits, new_id: Callable[[], str] = lambda: uuid.uuid4().hex
+    req,
+    tokenizer,
+    limits: PromptLimits,
+    new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    stop_limits: StopLimits = StopLimits(),
 ) -> ParsedGenerate:
     """Check a `moe.v1.GenerateRequest` and turn it into engine inputs."""
     if bool(req.prompt) == bool(len(req.prompt_token_ids)):
@@ -53,6 +79,7 @@ def parse_generate(
             "prompt", "give exactly one of prompt (non-empty text) or prompt_token_ids"
         )
     params = _sampling(req)
+    _check_stop(req.sampling.stop, stop_limits)
     try:
         params.validate(limits.vocab_size)
     except InvalidRequestError as e:

@@ -105,7 +105,7 @@ class ExpertParallelRank:
         # The slot -> rank table depends only on the slot count and the group size, so it stays
         # valid across rebalances (they keep both): one dispatcher for the group's lifetime.
         slot_to_rank = self.placement.tables().slot_to_rank
-        self.engine.model.set_dispatcher(make_dispatcher("all_to_all", slot_to_rank))
+        self.engine.model.set_dispatcher(make_dispatcher("auto", slot_to_rank))  # 1 rank: local
         self.load = self.engine.model.track_expert_load(load_window)  # this rank's tokens only
         self.lockstep = Lockstep(self.engine)
         self.rebalances: list[RebalanceReport] = []

@@ -59,6 +59,7 @@ class EngineStats:
     kv_blocks_used: int
     kv_blocks_total: int
     num_preemptions: int
+    num_tokens_processed: int = 0  # prompt + generated tokens run through the model so far
 
 
 @dataclass(eq=False)
@@ -106,6 +107,7 @@ class Engine:
         self.scheduler = Scheduler(self.config.scheduler, self.blocks)
         self._requests: dict[str, _Tracked] = {}
         self._arrivals = itertools.count()
+        self.num_tokens_processed = 0  # prompt + generated tokens run through the model
         self._generator = torch.Generator().manual_seed(self.config.seed)
 
     # --- requests ----------------------------------------------------------------------
@@ -204,6 +206,7 @@ class Engine:
             kv_blocks_used=self.blocks.num_used,
             kv_blocks_total=self.blocks.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
+            num_tokens_processed=self.num_tokens_processed,
         )
 
     # --- stepping ----------------------------------------------------------------------
@@ -233,6 +236,7 @@ class Engine:
         ]
         self._open_load_step()
         hidden = self.model(torch.tensor(ids, device=self.device), meta, self.kv_cache)  # [T, H]
+        self.num_tokens_processed += len(ids)
         rows = [i for i, b in enumerate(batch) if b.samples]
         for b in batch:
             b.seq.num_computed += b.num_new

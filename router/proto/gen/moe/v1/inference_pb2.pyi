@@ -136,9 +136,9 @@ class GangStatus(_message.Message):
     __slots__ = ("gang_id", "ranks")
     GANG_ID_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
-    gang_id: int
+    gang_id: str
     ranks: _containers.RepeatedCompositeFieldContainer[RankStatus]
-    def __init__(self, gang_id: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ...) -> None: ...
+    def __init__(self, gang_id: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ...) -> None: ...
 
 class RankStatus(_message.Message):
     __slots__ = ("rank", "replica_id", "running_requests", "queued_prompt_tokens", "kv_blocks_used", "kv_blocks_total", "tokens_per_s", "expert_load")

@@ -1,0 +1,242 @@
+"""`build_app(args)`: the whole Serve application from one `ClusterConfig` (the single
+`import_path` of `serve run`, the Serve YAML and the RayService `serveConfigV2`).
+
+Three deployments:
+- `PrefillRank` and `DecodeRank`: one replica per rank, gang-scheduled (gang size = the
+  expert-parallel size, PACK or SPREAD); a gang is one torch.distributed group whose ranks meet
+  through the application's `GangRegistry`. Scaling is in whole gangs.
+- `Router`: the gRPC ingress behind Serve's gRPC proxy (`InferenceServicer`), with handles to
+  both stages; each stage's own request router balances its ranks.
+
+The wrappers here stay thin: the ranks are `workers.ranks`, the API is `router.servicer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+from ray import serve
+
+from cluster.config import ClusterConfig, DecodeConfig, PrefillConfig
+from cluster.registry import REPORT_PERIOD_S, gang_init_method, registry
+from router.requests import StopLimits
+from router.servicer import InferenceServicer, ModelDescription, RouterSettings
+from workers.engine import EngineConfig, SchedulerConfig
+from workers.engine.build import load_tokenizer
+from workers.engine.inputs import PromptLimits
+from workers.ep_rank import num_routed_experts
+from workers.loader import load_config
+from workers.messages import Chunk, DecodeJob, PrefillJob, PrefillResult
+from workers.ranks import DecodeRank, GangMember, PrefillRank, StageRank
+
+__all__ = ["APP_NAME", "build_app", "engine_config"]
+
+log = logging.getLogger("moe_cluster")
+APP_NAME = "moe-cluster"
+ROUTING_STATS_PERIOD_S = 0.2
+_RANK_CLASSES: dict[str, type[StageRank]] = {"prefill": PrefillRank, "decode": DecodeRank}
+
+
+def engine_config(cfg: ClusterConfig, stage: str) -> EngineConfig:
+    """The per-rank engine settings of a stage. Prefill ranks hold a prompt's KV only until the
+    handoff, so they get the decode stage's block size and the default KV budget."""
+    d = cfg.decode
+    if stage == "prefill":
+        sched = SchedulerConfig(
+            max_num_batched_tokens=cfg.prefill.step_token_budget,
+            max_waiting=cfg.router.max_queued_requests,
+        )
+        return EngineConfig(
+            block_size=d.block_size, max_model_len=cfg.model.max_model_len, scheduler=sched
+        )
+    sched = SchedulerConfig(
+        max_num_seqs=d.max_running_requests, max_waiting=cfg.router.max_queued_requests
+    )
+    return EngineConfig(
+        block_size=d.block_size,
+        num_kv_blocks=d.kv_blocks,
+        kv_cache_bytes=d.kv_cache_bytes,
+        max_model_len=cfg.model.max_model_len,
+        scheduler=sched,
+    )
+
+
+class _RankServer:
+    """One rank as a Serve replica: joins its gang, runs the rank, reports its status."""
+
+    stage = ""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        cfg = ClusterConfig.from_args(args)
+        stage_cfg: PrefillConfig | DecodeConfig = getattr(cfg, self.stage)
+        ctx = serve.get_replica_context()
+        gang = ctx.gang_context
+        gang_id, rank, world = (
+            (gang.gang_id, gang.rank, gang.world_size) if gang else ("solo", 0, 1)
+        )
+        self._registry = registry(ctx.app_name or APP_NAME)
+        member = GangMember(
+            gang_id=f"{self.stage}-{gang_id}"
+            if gang
+            else f"{self.stage}-{ctx.replica_id.unique_id}",
+            rank=rank,
+            world_size=world,
+            replica_id=ctx.replica_id.unique_id,
+            init_method="",
+        )
+        init = gang_init_method(self._registry, member.gang_id, rank)
+        member = dataclasses.replace(member, init_method=init)
+        on_gpu = stage_cfg.num_gpus_per_rank > 0
+        self.rank = _RANK_CLASSES[self.stage](
+            cfg.model.path,
+            member,
+            dtype=cfg.model.dtype,
+            engine_config=engine_config(cfg, self.stage),
+            threads=max(1, int(stage_cfg.num_cpus_per_rank)),
+            device="cuda" if on_gpu else "cpu",
+        )
+        self._stop = threading.Event()
+        self._reporter = threading.Thread(target=self._report, name="status-report", daemon=True)
+        self._reporter.start()
+
+    def _report(self) -> None:
+        while not self._stop.wait(REPORT_PERIOD_S):
+            try:
+                self._registry.report.remote(self.rank.status())
+            except Exception as e:  # the registry is gone (app shutting down): stop reporting
+                log.warning("status report failed: %r", e)
+                return
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        s = self.rank.status()
+        return {
+            "queued_prompt_tokens": s.queued_prompt_tokens,
+            "kv_blocks_used": s.kv_blocks_used,
+            "kv_blocks_total": s.kv_blocks_total,
+            "running_requests": s.running_requests,
+        }
+
+    def check_health(self) -> None:
+        self.rank.check_health()
+
+    def __del__(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self._registry.forget.remote(self.rank.member.replica_id, self.rank.member.gang_id)
+        self.rank.close()
+
+
+class PrefillServer(_RankServer):
+    stage = "prefill"
+
+    async def prefill(self, job: PrefillJob) -> PrefillResult:
+        rank = self.rank
+        assert isinstance(rank, PrefillRank)
+        first, handoff = await rank.prefill(job)
+        # the KV goes into this node's object store; the decode rank pulls it by reference
+        return PrefillResult(first, [ray.put(handoff)] if handoff is not None else [])
+
+
+class DecodeServer(_RankServer):
+    stage = "decode"
+
+    async def decode(self, job: DecodeJob) -> AsyncIterator[Chunk]:
+        rank = self.rank
+        assert isinstance(rank, DecodeRank)
+        handoff = await job.handoff[0]
+        async for chunk in rank.decode(handoff):
+            yield chunk
+
+
+class RouterServer(InferenceServicer):
+    def __init__(self, prefill: Any, decode: Any, args: dict[str, Any]) -> None:
+        cfg = ClusterConfig.from_args(args)
+        model_cfg = load_config(cfg.model.path)
+        max_len = cfg.model.max_model_len or int(model_cfg.max_position_embeddings)
+        reg = registry(serve.get_replica_context().app_name or APP_NAME)
+
+        async def cluster_status() -> list:
+            return await reg.snapshot.remote()
+
+        r = cfg.router
+        super().__init__(
+            prefill,
+            decode,
+            tokenizer=load_tokenizer(cfg.model.path),
+            limits=PromptLimits(int(model_cfg.vocab_size), max_len, r.max_prompt_tokens),
+            model=ModelDescription(
+                architecture=str(model_cfg.model_type),
+                model_path=cfg.model.path,
+                vocab_size=int(model_cfg.vocab_size),
+                max_model_len=max_len,
+                num_experts=num_routed_experts(model_cfg),
+                num_layers=int(model_cfg.num_hidden_layers),
+                dtype=cfg.model.dtype,
+            ),
+            settings=RouterSettings(
+                auth_tokens=tuple(r.auth_tokens),
+                max_inflight=r.max_queued_requests,
+                request_timeout_s=r.request_timeout_s,
+                stop_limits=StopLimits(r.max_stop_strings, r.max_stop_string_chars),
+            ),
+            cluster_status=cluster_status,
+        )
+
+
+def _stage_options(cfg: ClusterConfig, stage: str, request_router: str) -> dict[str, Any]:
+    s: PrefillConfig | DecodeConfig = getattr(cfg, stage)
+    max_ongoing = (
+        cfg.router.max_queued_requests
+        if stage == "prefill"
+        else cfg.decode.max_running_requests + cfg.router.max_queued_requests
+    )
+    options: dict[str, Any] = {
+        "name": f"{stage.capitalize()}Rank",
+        "ray_actor_options": {"num_cpus": s.num_cpus_per_rank, "num_gpus": s.num_gpus_per_rank},
+        "gang_scheduling_config": {
+            "gang_size": s.gang_size,
+            "gang_placement_strategy": s.placement_strategy,
+        },
+        "max_ongoing_requests": max_ongoing,
+        "request_router_config": {
+            "request_router_class": request_router,
+            "request_routing_stats_period_s": ROUTING_STATS_PERIOD_S,
+            "request_router_kwargs": {"block_size": cfg.decode.block_size},
+        },
+        "health_check_period_s": 5.0,
+        "graceful_shutdown_timeout_s": 30.0,
+    }
+    if s.autoscaling is None:
+        options["num_replicas"] = s.num_replicas
+    else:  # whole gangs: Serve keeps replica counts multiples of gang_size
+        options["autoscaling_config"] = {
+            "min_replicas": s.autoscaling.min_gangs * s.gang_size,
+            "max_replicas": s.autoscaling.max_gangs * s.gang_size,
+            "initial_replicas": s.num_replicas,
+        }
+    return options
+
+
+def build_app(args: dict[str, Any] | ClusterConfig) -> serve.Application:
+    """The application for `serve.run` / `serve run cluster.app:build_app` / serveConfigV2."""
+    cfg = ClusterConfig.from_args(args)
+    plain = cfg.to_args()
+    prefill = serve.deployment(
+        **_stage_options(cfg, "prefill", "router.balancing:PrefillRequestRouter")
+    )(PrefillServer)
+    decode = serve.deployment(
+        **_stage_options(cfg, "decode", "router.balancing:DecodeRequestRouter")
+    )(DecodeServer)
+    router = serve.deployment(
+        name="Router",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0.1},
+        max_ongoing_requests=cfg.router.max_queued_requests + 1,
+    )(RouterServer)
+    return router.bind(prefill.bind(plain), decode.bind(plain), plain)

@@ -1,0 +1,154 @@
+"""Per-stage balancing of ranks (DeepSeek's serving balancers), as pure functions plus the Ray
+Serve request routers that apply them.
+
+- prefill: fewest queued prompt tokens; ties go to the rank that last took the same prompt
+  prefix (prefix affinity), then to the lower replica id.
+- decode: lowest KV usage, then fewest running requests, then the lower replica id.
+
+Each rank reports its load through Serve's `record_routing_stats` (every
+`request_routing_stats_period_s`). Between two reports this router adds what it sent itself and
+has not seen finish, so a burst of requests does not all land on the rank that looked idle at
+the last report.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+__all__ = [
+    "DecodeRequestRouter",
+    "PrefillRequestRouter",
+    "RankLoad",
+    "prefix_key",
+    "rank_decode",
+    "rank_prefill",
+]
+
+PREFIX_TOKENS = 32  # prompt tokens that make the affinity key
+_AFFINITY_ENTRIES = 4096
+
+
+@dataclass(frozen=True)
+class RankLoad:
+    """The balancers' view of one rank: its last report plus this router's own in-flight work."""
+
+    key: str  # the replica id
+    queued_prompt_tokens: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 1
+    running_requests: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / max(1, self.kv_blocks_total)
+
+
+def rank_prefill(loads: list[RankLoad], affinity: str | None = None) -> list[str]:
+    """Replica ids best first: fewest queued prompt tokens; ties: `affinity` first, then id."""
+    return [
+        r.key
+        for r in sorted(loads, key=lambda r: (r.queued_prompt_tokens, r.key != affinity, r.key))
+    ]
+
+
+def rank_decode(loads: list[RankLoad]) -> list[str]:
+    """Replica ids best first: lowest KV usage, then fewest running requests, then id."""
+    return [r.key for r in sorted(loads, key=lambda r: (r.kv_usage, r.running_requests, r.key))]
+
+
+def prefix_key(prompt_token_ids: list[int]) -> tuple[int, ...]:
+    return tuple(prompt_token_ids[:PREFIX_TOKENS])
+
+
+class _StageRouter(RequestRouter):
+    """Ranks candidates with a stage policy; Serve sends to the first rank that has room."""
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        self.block_size = int(kwargs.get("block_size", 16))
+        # internal request id -> (replica id, what the request adds to that replica's load)
+        self._inflight: dict[str, tuple[str, int]] = {}
+
+    def _own(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Per replica: the summed weight and the count of this router's in-flight requests."""
+        weight: dict[str, int] = collections.defaultdict(int)
+        count: dict[str, int] = collections.defaultdict(int)
+        for replica, w in self._inflight.values():
+            weight[replica] += w
+            count[replica] += 1
+        return weight, count
+
+    def _job(self, pending: PendingRequest | None) -> Any:
+        return pending.args[0] if pending is not None and pending.args else None
+
+    def _remember(self, pending: PendingRequest | None, replica: str, weight: int) -> None:
+        if pending is not None:
+            self._inflight[pending.metadata.internal_request_id] = (replica, weight)
+
+    def on_request_completed(self, replica_id, internal_request_id: str) -> None:
+        self._inflight.pop(internal_request_id, None)
+
+    def _ordered(
+        self, candidates: list[RunningReplica], order: list[str]
+    ) -> list[list[RunningReplica]]:
+        by_id = {r.replica_id.unique_id: r for r in candidates}
+        return [[by_id[key]] for key in order]
+
+
+class PrefillRequestRouter(_StageRouter):
+    def initialize_state(self, **kwargs: Any) -> None:
+        super().initialize_state(**kwargs)
+        self._affinity: collections.OrderedDict[tuple[int, ...], str] = collections.OrderedDict()
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        job = self._job(pending_request)
+        own, _ = self._own()
+        loads = []
+        for r in candidate_replicas:
+            key = r.replica_id.unique_id
+            reported = int((r.routing_stats or {}).get("queued_prompt_tokens", 0))
+            loads.append(RankLoad(key, queued_prompt_tokens=max(reported, own[key])))
+        prefix = prefix_key(job.prompt_token_ids) if job is not None else ()
+        order = rank_prefill(loads, self._affinity.get(prefix))
+        if job is not None and order:
+            self._remember(pending_request, order[0], len(job.prompt_token_ids))
+            self._affinity[prefix] = order[0]
+            self._affinity.move_to_end(prefix)
+            if len(self._affinity) > _AFFINITY_ENTRIES:
+                self._affinity.popitem(last=False)
+        return self._ordered(candidate_replicas, order)
+
+
+class DecodeRequestRouter(_StageRouter):
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        job = self._job(pending_request)
+        own_blocks, own_count = self._own()
+        loads = []
+        for r in candidate_replicas:
+            key = r.replica_id.unique_id
+            stats = r.routing_stats or {}
+            loads.append(
+                RankLoad(
+                    key,
+                    kv_blocks_used=max(int(stats.get("kv_blocks_used", 0)), own_blocks[key]),
+                    kv_blocks_total=int(stats.get("kv_blocks_total", 1)),
+                    running_requests=max(int(stats.get("running_requests", 0)), own_count[key]),
+                )
+            )
+        order = rank_decode(loads)
+        if job is not None and order:
+            blocks = math.ceil((job.num_prompt_tokens + 1) / self.block_size)
+            self._remember(pending_request, order[0], blocks)
+        return self._ordered(candidate_replicas, order)
