@@ -80,7 +80,7 @@ def test_messages_round_trip_bytes_and_pickle():
                 name="decode",
                 gangs=[
                     pb.GangStatus(
-                        gang_id=1,
+                        gang_id="decode-1",
                         ranks=[
                             pb.RankStatus(
                                 rank=0,
