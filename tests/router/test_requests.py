@@ -8,7 +8,7 @@ import pytest
 from google.protobuf import json_format
 
 from router.proto import inference_pb2 as pb
-from router.requests import DEFAULT_MAX_TOKENS, parse_generate
+from router.requests import DEFAULT_MAX_TOKENS, StopLimits, parse_generate
 from workers.engine.build import load_tokenizer
 from workers.engine.inputs import PromptLimits
 from workers.engine.params import InvalidRequestError
@@ -62,7 +62,7 @@ def test_explicit_zero_differs_from_unset(tokenizer):
         ({"prompt": "hi", "sampling": {"top_k": -2}}, "sampling.top_k", ">= 0"),
         ({"prompt": "hi", "sampling": {"max_tokens": -3}}, "sampling.max_tokens", "positive"),
         ({"prompt": "hi", "sampling": {"stop": ["x"] * 17}}, "sampling.stop", "at most"),
-        ({"prompt": "hi", "sampling": {"stop": ["y" * 300]}}, "sampling.stop", "characters"),
+        ({"prompt": "hi", "sampling": {"stop": ["y" * 300]}}, "sampling.stop[0]", "characters"),
         (
             {"prompt_token_ids": [1] * 60, "sampling": {"max_tokens": 10}},
             "sampling.max_tokens",
@@ -76,3 +76,30 @@ def test_bad_input_names_the_field(tokenizer, body, field, words):
         parse_generate(_req(body), tokenizer, LIMITS)
     assert err.value.field == field
     assert str(err.value).startswith(f"{field}: ")
+
+
+def test_router_stop_caps_are_tighter_than_the_engine(tokenizer):
+    caps = StopLimits(max_strings=2, max_chars=4)
+    ok = parse_generate(
+        _req({"prompt": "hi", "sampling": {"stop": ["ab", "abcd"]}}),
+        tokenizer,
+        LIMITS,
+        stop_limits=caps,
+    )
+    assert ok.params.stop == ("ab", "abcd")
+    with pytest.raises(InvalidRequestError, match="at most 2") as err:
+        parse_generate(
+            _req({"prompt": "hi", "sampling": {"stop": ["a", "b", "c"]}}),
+            tokenizer,
+            LIMITS,
+            stop_limits=caps,
+        )
+    assert err.value.field == "sampling.stop"
+    with pytest.raises(InvalidRequestError, match="1..4") as err:
+        parse_generate(
+            _req({"prompt": "hi", "sampling": {"stop": ["a", "abcde"]}}),
+            tokenizer,
+            LIMITS,
+            stop_limits=caps,
+        )
+    assert err.value.field == "sampling.stop[1]"
