@@ -45,7 +45,7 @@ _RANK_CLASSES: dict[str, type[StageRank]] = {"prefill": PrefillRank, "decode": D
 
 def engine_config(cfg: ClusterConfig, stage: str) -> EngineConfig:
     """The per-rank engine settings of a stage. Prefill ranks hold a prompt's KV only until the
-    handoff, so they get the decode stage's block size and the default KV budget."""
+    handoff; they use the decode stage's block size so a handoff maps block for block."""
     d = cfg.decode
     if stage == "prefill":
         sched = SchedulerConfig(
@@ -53,7 +53,10 @@ def engine_config(cfg: ClusterConfig, stage: str) -> EngineConfig:
             max_waiting=cfg.router.max_queued_requests,
         )
         return EngineConfig(
-            block_size=d.block_size, max_model_len=cfg.model.max_model_len, scheduler=sched
+            block_size=d.block_size,
+            kv_cache_bytes=cfg.prefill.kv_cache_bytes,
+            max_model_len=cfg.model.max_model_len,
+            scheduler=sched,
         )
     sched = SchedulerConfig(
         max_num_seqs=d.max_running_requests, max_waiting=cfg.router.max_queued_requests
@@ -120,6 +123,7 @@ class _RankServer:
             "kv_blocks_used": s.kv_blocks_used,
             "kv_blocks_total": s.kv_blocks_total,
             "running_requests": s.running_requests,
+            "time_s": s.time_s,
         }
 
     def check_health(self) -> None:

@@ -55,6 +55,32 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--ep", type=int, default=1, help="expert-parallel ranks (Ray actors, gloo); 1: in-process"
     )
+
+    s = sub.add_parser("serve", help="start the cluster (embedded Ray or --address) and serve gRPC")
+    s.add_argument("--model", type=Path, help="HF checkpoint directory (or model.path in --config)")
+    s.add_argument("--config", type=Path, help="YAML with the ClusterConfig fields")
+    s.add_argument("--port", type=int, help="gRPC port (default 9000)")
+    s.add_argument("--address", help="join this Ray cluster (e.g. auto); default: embedded Ray")
+    s.add_argument("--prefill-gangs", type=int)
+    s.add_argument("--prefill-gang-size", type=int, help="expert-parallel ranks per prefill gang")
+    s.add_argument("--decode-gangs", type=int)
+    s.add_argument("--decode-gang-size", type=int, help="expert-parallel ranks per decode gang")
+    s.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy port")
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for ready")
+
+    g = sub.add_parser("generate", help="stream one completion from a running cluster")
+    g.add_argument("prompt", help="prompt text")
+    g.add_argument("--host", default="localhost")
+    g.add_argument("--port", type=int, default=9000)
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=None, help="0 is greedy; default 1")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=0, help="0 disables")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--token", default=None, help="bearer token (default: $MOE_CLUSTER_TOKEN)")
+    g.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole call")
     return p
 
 
@@ -118,6 +144,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = make_tiny(args.arch, args.out, seed=args.seed, preset=args.preset)
             print(f"wrote {args.arch} checkpoint to {out}", file=sys.stderr)
             return 0
+        if args.command == "serve":
+            from cluster.serve_cmd import serve_command
+
+            return serve_command(args)
+        if args.command == "generate":
+            from cluster.serve_cmd import generate_command
+
+            return generate_command(args)
         return _offline(args)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"moe-cluster {args.command}: error: {e}", file=sys.stderr)

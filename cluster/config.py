@@ -101,12 +101,25 @@ class _Stage(_Schema):
     )
     num_cpus_per_rank: float = Field(default=0.1, ge=0, description="CPUs Ray reserves per rank")
     num_gpus_per_rank: float = Field(default=0.0, ge=0, description="1 on GPU nodes, 0 on CPU")
+    kv_cache_bytes: int = Field(
+        default=512 << 20, gt=0, description="KV memory per rank (decode: unless kv_blocks is set)"
+    )
     autoscaling: _Autoscaling | None = Field(default=None, description="None: fixed num_gangs")
 
     @property
     def num_replicas(self) -> int:
         """Serve replicas (= ranks): Serve scales in whole gangs, so a multiple of gang_size."""
         return self.gang_size * self.num_gangs
+
+    @model_validator(mode="after")
+    def _rank_needs_a_resource(self) -> _Stage:
+        if self.num_cpus_per_rank == 0 and self.num_gpus_per_rank == 0:
+            raise _Invalid(
+                "num_cpus_per_rank",
+                "0 together with num_gpus_per_rank 0 leaves a gang's placement group empty, "
+                "which Ray cannot schedule; set a small fraction such as 0.01",
+            )
+        return self
 
     @model_validator(mode="after")
     def _gangs_within_autoscaling(self) -> _Stage:
@@ -133,9 +146,6 @@ class DecodeConfig(_Stage):
     max_running_requests: int = Field(default=256, gt=0, description="requests decoding per rank")
     kv_blocks: int | None = Field(
         default=None, gt=0, description="KV blocks per rank; None: what fits in kv_cache_bytes"
-    )
-    kv_cache_bytes: int = Field(
-        default=512 << 20, gt=0, description="KV memory per rank, used when kv_blocks is None"
     )
     block_size: int = Field(default=16, gt=0, description="tokens per KV block")
     autoscaling: DecodeAutoscaling | None = Field(

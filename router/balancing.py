@@ -6,15 +6,18 @@ Serve request routers that apply them.
 - decode: lowest KV usage, then fewest running requests, then the lower replica id.
 
 Each rank reports its load through Serve's `record_routing_stats` (every
-`request_routing_stats_period_s`). Between two reports this router adds what it sent itself and
-has not seen finish, so a burst of requests does not all land on the rank that looked idle at
-the last report.
+`request_routing_stats_period_s`, stamped with the rank's `time_s`). To a rank's last report this
+router adds what it sent there after that report and has not seen finish, so a burst of requests
+does not all land on the rank that looked idle at the last report. The estimate charges the
+rank this router picked first; if Serve had to fall back to another (the first was full), the
+next report corrects it.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +34,7 @@ __all__ = [
 
 PREFIX_TOKENS = 32  # prompt tokens that make the affinity key
 _AFFINITY_ENTRIES = 4096
+_FORGET_AFTER_S = 600.0  # an in-flight entry older than this is dropped
 
 
 @dataclass(frozen=True)
@@ -70,16 +74,25 @@ class _StageRouter(RequestRouter):
 
     def initialize_state(self, **kwargs: Any) -> None:
         self.block_size = int(kwargs.get("block_size", 16))
-        # internal request id -> (replica id, what the request adds to that replica's load)
-        self._inflight: dict[str, tuple[str, int]] = {}
+        # internal request id -> (replica id, what it adds to that replica's load, when routed)
+        self._inflight: dict[str, tuple[str, int, float]] = {}
 
-    def _own(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Per replica: the summed weight and the count of this router's in-flight requests."""
+    def _own(self, candidates: list[RunningReplica]) -> tuple[dict[str, int], dict[str, int]]:
+        """Per replica: summed weight and count of this router's in-flight requests routed
+        after the replica's last report (older ones are in the report already)."""
+        reported_at = {
+            r.replica_id.unique_id: float((r.routing_stats or {}).get("time_s", 0.0))
+            for r in candidates
+        }
         weight: dict[str, int] = collections.defaultdict(int)
         count: dict[str, int] = collections.defaultdict(int)
-        for replica, w in self._inflight.values():
-            weight[replica] += w
-            count[replica] += 1
+        now = time.time()
+        for rid, (replica, w, routed_at) in list(self._inflight.items()):
+            if now - routed_at > _FORGET_AFTER_S:  # cancelled before Serve sent it: never completes
+                del self._inflight[rid]
+            elif routed_at > reported_at.get(replica, 0.0):
+                weight[replica] += w
+                count[replica] += 1
         return weight, count
 
     def _job(self, pending: PendingRequest | None) -> Any:
@@ -87,7 +100,8 @@ class _StageRouter(RequestRouter):
 
     def _remember(self, pending: PendingRequest | None, replica: str, weight: int) -> None:
         if pending is not None:
-            self._inflight[pending.metadata.internal_request_id] = (replica, weight)
+            rid = pending.metadata.internal_request_id
+            self._inflight[rid] = (replica, weight, time.time())
 
     def on_request_completed(self, replica_id, internal_request_id: str) -> None:
         self._inflight.pop(internal_request_id, None)
@@ -110,12 +124,12 @@ class PrefillRequestRouter(_StageRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         job = self._job(pending_request)
-        own, _ = self._own()
+        own, _ = self._own(candidate_replicas)
         loads = []
         for r in candidate_replicas:
             key = r.replica_id.unique_id
             reported = int((r.routing_stats or {}).get("queued_prompt_tokens", 0))
-            loads.append(RankLoad(key, queued_prompt_tokens=max(reported, own[key])))
+            loads.append(RankLoad(key, queued_prompt_tokens=reported + own[key]))
         prefix = prefix_key(job.prompt_token_ids) if job is not None else ()
         order = rank_prefill(loads, self._affinity.get(prefix))
         if job is not None and order:
@@ -134,7 +148,7 @@ class DecodeRequestRouter(_StageRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         job = self._job(pending_request)
-        own_blocks, own_count = self._own()
+        own_blocks, own_count = self._own(candidate_replicas)
         loads = []
         for r in candidate_replicas:
             key = r.replica_id.unique_id
@@ -142,9 +156,9 @@ class DecodeRequestRouter(_StageRouter):
             loads.append(
                 RankLoad(
                     key,
-                    kv_blocks_used=max(int(stats.get("kv_blocks_used", 0)), own_blocks[key]),
+                    kv_blocks_used=int(stats.get("kv_blocks_used", 0)) + own_blocks[key],
                     kv_blocks_total=int(stats.get("kv_blocks_total", 1)),
-                    running_requests=max(int(stats.get("running_requests", 0)), own_count[key]),
+                    running_requests=int(stats.get("running_requests", 0)) + own_count[key],
                 )
             )
         order = rank_decode(loads)

@@ -250,6 +250,7 @@ def cluster_status_message(statuses: list[RankStatus]) -> pb.ClusterStatus:
                 kv_blocks_used=s.kv_blocks_used,
                 kv_blocks_total=s.kv_blocks_total,
                 tokens_per_s=s.tokens_per_s,
+                tokens_processed=s.tokens_processed,
             )
             for layer, counts in zip(s.moe_layers, s.expert_load, strict=True):
                 r.expert_load.add(layer=layer, tokens_per_expert=counts)

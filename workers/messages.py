@@ -68,6 +68,7 @@ class RankStatus:
     kv_blocks_used: int
     kv_blocks_total: int
     tokens_per_s: float
+    tokens_processed: int  # prompt + generated tokens run since the rank started
     expert_load: list[list[int]]  # [MoE layer][logical expert] tokens over recent steps
     moe_layers: list[int]  # decoder layer index of each expert_load row
     time_s: float  # when the snapshot was taken (time.time() on the rank's node)

@@ -105,6 +105,7 @@ class StageRank:
             kv_blocks_used=s.kv_blocks_used,
             kv_blocks_total=s.kv_blocks_total,
             tokens_per_s=self._rate.update(now, s.num_tokens_processed),
+            tokens_processed=s.num_tokens_processed,
             expert_load=load.tolist(),
             moe_layers=self._moe_layers,
             time_s=now,

@@ -78,3 +78,18 @@ def test_max_num_seqs_caps_the_batch():
         sched.add(_seq(i, 2))
     assert set(_run_step(sched)) == {"r0", "r1"}
     assert len(sched.waiting) == 2
+
+
+def test_queued_prompt_tokens_count_the_rest_of_chunked_prefills():
+    """The prefill balancer's signal: waiting prompts plus what chunked prefills still owe."""
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=8), BlockManager(64, 4))
+    sched.add(_seq(0, 20))
+    sched.add(_seq(1, 5))
+    assert sched.num_queued_prompt_tokens == 25
+    _run_step(sched)  # r0 computes 8 of 20
+    assert sched.num_queued_prompt_tokens == 12 + 5
+    _run_step(sched)
+    _run_step(sched)  # r0 done (8 + 8 + 4), r1 gets 4 of 5
+    assert sched.num_queued_prompt_tokens == 1
+    _run_step(sched)
+    assert sched.num_queued_prompt_tokens == 0  # both decoding: nothing of a prompt is owed

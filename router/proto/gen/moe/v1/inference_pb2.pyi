@@ -141,7 +141,7 @@ class GangStatus(_message.Message):
     def __init__(self, gang_id: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ...) -> None: ...
 
 class RankStatus(_message.Message):
-    __slots__ = ("rank", "replica_id", "running_requests", "queued_prompt_tokens", "kv_blocks_used", "kv_blocks_total", "tokens_per_s", "expert_load")
+    __slots__ = ("rank", "replica_id", "running_requests", "queued_prompt_tokens", "kv_blocks_used", "kv_blocks_total", "tokens_per_s", "expert_load", "tokens_processed")
     RANK_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class RankStatus(_message.Message):
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     EXPERT_LOAD_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
     rank: int
     replica_id: str
     running_requests: int
@@ -158,7 +159,8 @@ class RankStatus(_message.Message):
     kv_blocks_total: int
     tokens_per_s: float
     expert_load: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
-    def __init__(self, rank: _Optional[int] = ..., replica_id: _Optional[str] = ..., running_requests: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ...) -> None: ...
+    tokens_processed: int
+    def __init__(self, rank: _Optional[int] = ..., replica_id: _Optional[str] = ..., running_requests: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., tokens_processed: _Optional[int] = ...) -> None: ...
 
 class ExpertLoad(_message.Message):
     __slots__ = ("layer", "tokens_per_expert")

@@ -1,0 +1,279 @@
+"""The cluster end to end: real Ray Serve (gang-scheduled prefill and decode ranks, gloo), real
+gRPC on loopback through Serve's proxy, a DeepSeek-V3 tiny checkpoint (MLA: the handoff is the
+latent cache). One deployment for the whole module: 1 prefill gang x 2 ranks, 2 decode gangs x
+2 ranks, auth on, a small request bound.
+
+Waits on the cluster's state poll GetClusterStatus with a deadline: ranks report every 0.5 s.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+import pytest
+import ray
+
+from cluster.app import APP_NAME
+from cluster.config import ClusterConfig
+from cluster.launch import deploy, undeploy
+from cluster.offline import PromptSpec, run_offline
+from cluster.tiny import make_tiny
+from router.client import ClientError, InferenceClient
+from router.proto import inference_pb2 as pb
+from workers.engine import SamplingParams
+from workers.engine.build import build_engine
+
+TOKEN = "s3cret-token"
+MAX_INFLIGHT = 8
+pytestmark = pytest.mark.timeout(600)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deepseek-long")
+    return make_tiny("deepseek_v3", out, seed=0, overrides={"max_position_embeddings": 4096})
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir, ray_cluster):
+    port = _free_port()
+    cfg = ClusterConfig.from_args(
+        {
+            "model": {"path": str(model_dir)},
+            "prefill": {
+                "gang_size": 2,
+                "num_gangs": 1,
+                "step_token_budget": 16,
+                "num_cpus_per_rank": 0.01,
+                "kv_cache_bytes": 32 << 20,
+            },
+            "decode": {
+                "gang_size": 2,
+                "num_gangs": 2,
+                "block_size": 4,
+                "kv_blocks": 2048,
+                "num_cpus_per_rank": 0.01,
+            },
+            "router": {"port": port, "auth_tokens": [TOKEN], "max_queued_requests": MAX_INFLIGHT},
+        }
+    )
+    deploy(cfg, http_port=_free_port(), timeout_s=300)
+    yield f"localhost:{port}"
+    undeploy()
+
+
+@pytest.fixture
+def client(cluster):
+    with InferenceClient(cluster, token=TOKEN, timeout_s=120) as c:
+        yield c
+
+
+def _ranks(client: InferenceClient, stage: str) -> list[pb.RankStatus]:
+    status = client.cluster_status()
+    (dep,) = [d for d in status.deployments if d.name == stage]
+    return [r for g in dep.gangs for r in g.ranks]
+
+
+def _wait_status(
+    client: InferenceClient, ok: Callable[[dict[str, list[pb.RankStatus]]], bool], what: str
+) -> dict[str, list[pb.RankStatus]]:
+    deadline = time.monotonic() + 60
+    while True:
+        ranks = {s: _ranks(client, s) for s in ("prefill", "decode")}
+        if ok(ranks):
+            return ranks
+        if time.monotonic() > deadline:
+            pytest.fail(f"cluster status never showed {what}: {ranks}")
+        time.sleep(0.2)  # the ranks report every 0.5 s; this polls, bounded by the deadline
+
+
+def _idle(ranks: dict[str, list[pb.RankStatus]]) -> bool:
+    all_ranks = ranks["prefill"] + ranks["decode"]
+    return len(all_ranks) == 6 and all(
+        r.running_requests == 0 and r.kv_blocks_used == 0 for r in all_ranks
+    )
+
+
+PROMPTS = ["The quick brown fox", "Mixture of experts models route each token", "Once upon"]
+
+
+def test_greedy_output_equals_offline(client, model_dir):
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    specs = [PromptSpec(f"#{i}", p, params) for i, p in enumerate(PROMPTS)]
+    specs.append(PromptSpec("ids", [5, 17, 3, 99, 42, 7, 7, 1], params))
+    offline = run_offline(build_engine(model_dir), specs)
+    for spec, want in zip(specs, offline, strict=True):
+        prompt = spec.prompt if isinstance(spec.prompt, str) else None
+        ids = None if prompt is not None else spec.prompt
+        got = client.complete(
+            prompt, prompt_token_ids=ids, max_tokens=20, temperature=0.0, ignore_eos=True
+        )
+        assert got.token_ids == want.token_ids, spec.source
+        assert got.text == want.text
+        assert got.finish_reason == "length"
+        assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+        assert got.usage.completion_tokens == 20
+
+
+def test_first_chunk_is_the_prefill_token_then_decode_streams(client):
+    chunks = list(client.generate("Once upon", max_tokens=5, temperature=0.0, ignore_eos=True))
+    assert [len(c.token_ids) for c in chunks] == [1] * 5
+    assert [c.finish_reason for c in chunks] == [None] * 4 + ["length"]
+    # max_tokens=1 ends at prefill: no decode rank involved
+    (only,) = list(client.generate("Once upon", max_tokens=1, temperature=0.0))
+    assert only.finish_reason == "length" and only.token_ids == chunks[0].token_ids
+
+
+def test_tokenize_and_model_info(client, model_dir):
+    info = client.model_info()
+    assert info.architecture == "deepseek_v3" and info.max_model_len == 4096
+    assert info.num_experts > 0 and info.dtype == "float32"
+    ids = client.tokenize("Once upon")
+    assert ids == build_engine(model_dir).tokenizer.encode("Once upon", add_special_tokens=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({}, "prompt"),
+        ({"prompt": "hi", "prompt_token_ids": [1, 2]}, "prompt"),
+        ({"prompt_token_ids": [1, 10**6]}, "prompt_token_ids"),
+        ({"prompt": "hi", "temperature": -0.5}, "sampling.temperature"),
+        ({"prompt": "hi", "top_p": 1.5}, "sampling.top_p"),
+        ({"prompt": "hi", "top_k": -1}, "sampling.top_k"),
+        ({"prompt": "hi", "max_tokens": 5000}, "sampling.max_tokens"),
+        ({"prompt": "hi", "stop": ("x",) * 17}, "sampling.stop"),
+        ({"prompt": "hi", "stop": ("y" * 300,)}, "sampling.stop[0]"),
+    ],
+)
+def test_bad_input_is_invalid_argument_naming_the_field(client, kwargs, field):
+    prompt = kwargs.pop("prompt", None)
+    with pytest.raises(ClientError) as err:
+        client.complete(prompt, **kwargs)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details.startswith(f"{field}: ")
+    assert "Traceback" not in err.value.details
+
+
+def test_auth(cluster):
+    for token in (None, "wrong"):
+        with InferenceClient(cluster, token=token, timeout_s=30) as c:
+            for call in (lambda: c.complete("hi", max_tokens=2), c.model_info):
+                with pytest.raises(ClientError) as err:
+                    call()
+                assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+                assert "Traceback" not in err.value.details
+    with InferenceClient(cluster, token=TOKEN, timeout_s=30) as c:
+        assert c.complete("hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_prefill_follows_queued_prompt_tokens(client, cluster):
+    """A long prompt (188 prefill steps at 16 tokens each) is queued on one prefill rank; the
+    short prompts sent meanwhile all go to the other rank."""
+    before = {r.replica_id: r.tokens_processed for r in _ranks(client, "prefill")}
+    long = client.generate(prompt_token_ids=[7] * 3000, max_tokens=1, temperature=0.0)
+    first = None
+    with InferenceClient(cluster, token=TOKEN, timeout_s=120) as other:
+        done = threading.Event()
+
+        def run_long() -> None:
+            nonlocal first
+            first = list(long)
+            done.set()
+
+        t = threading.Thread(target=run_long)
+        t.start()
+        try:
+            _wait_status(
+                client,
+                lambda rs: any(r.queued_prompt_tokens > 0 for r in rs["prefill"]),
+                "the long prompt queued on a prefill rank",
+            )
+            shorts = [other.complete(prompt_token_ids=[3, i, 5], max_tokens=1) for i in range(4)]
+        finally:
+            assert done.wait(120), "the long prefill did not finish"
+            t.join(10)
+    assert first is not None and first[-1].finish_reason == "length"
+    assert all(s.finish_reason == "length" for s in shorts)
+    after = _wait_status(
+        client,
+        lambda rs: sum(r.tokens_processed for r in rs["prefill"]) >= sum(before.values()) + 3012,
+        "all prefill tokens counted",
+    )
+    delta = sorted(r.tokens_processed - before[r.replica_id] for r in after["prefill"])
+    assert delta == [12, 3000]  # 4 short prompts of 3 tokens on one rank, the long one alone
+
+
+def test_decode_follows_kv_usage_and_cancel_frees_kv(client):
+    """Four long streams land on the four decode ranks (two gangs); the fifth goes to the rank
+    with the least KV in use; cancelling every stream frees every block."""
+    _wait_status(client, _idle, "an idle cluster")
+    lengths = [800, 600, 400, 10]  # KV gaps far above what decoding adds meanwhile
+    streams = []
+    try:
+        for n in lengths:
+            s = client.generate(prompt_token_ids=[9] * n, max_tokens=3000, ignore_eos=True)
+            next(s), next(s)  # decoding now
+            streams.append(s)
+        ranks = _wait_status(
+            client,
+            lambda rs: sum(r.running_requests for r in rs["decode"]) == 4,
+            "4 running decode requests",
+        )
+        assert sorted(r.running_requests for r in ranks["decode"]) == [1, 1, 1, 1]
+        least = min(ranks["decode"], key=lambda r: r.kv_blocks_used)
+        s = client.generate(prompt_token_ids=[9] * 10, max_tokens=3000, ignore_eos=True)
+        next(s), next(s)
+        streams.append(s)
+        ranks = _wait_status(
+            client,
+            lambda rs: sum(r.running_requests for r in rs["decode"]) == 5,
+            "5 running decode requests",
+        )
+        by_id = {r.replica_id: r.running_requests for r in ranks["decode"]}
+        assert by_id[least.replica_id] == 2
+        # the router's bound: MAX_INFLIGHT streams at once, then RESOURCE_EXHAUSTED
+        for _ in range(MAX_INFLIGHT - len(streams)):
+            s = client.generate(prompt_token_ids=[4] * 8, max_tokens=3000, ignore_eos=True)
+            next(s)
+            streams.append(s)
+        with pytest.raises(ClientError) as err:
+            client.complete(prompt_token_ids=[4] * 8, max_tokens=4)
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        for s in streams:
+            s.close()  # cancels the call: the ranks abort the requests
+    _wait_status(client, _idle, "every KV block free after cancelling")
+
+
+def test_deadline_stops_the_work(client):
+    with pytest.raises(ClientError) as err:
+        list(
+            client.generate(
+                prompt_token_ids=[9] * 10, max_tokens=3000, ignore_eos=True, timeout_s=1.0
+            )
+        )
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    _wait_status(client, _idle, "every KV block free after the deadline")
+
+
+def test_status_groups_ranks_by_stage_and_gang(client):
+    status = client.cluster_status()
+    assert [d.name for d in status.deployments] == ["prefill", "decode"]
+    prefill, decode = status.deployments
+    assert len(prefill.gangs) == 1 and len(decode.gangs) == 2
+    for gang in (*prefill.gangs, *decode.gangs):
+        assert [r.rank for r in gang.ranks] == [0, 1]
+        for r in gang.ranks:
+            assert r.kv_blocks_total > 0 and len(r.expert_load) > 0
+    assert ray.is_initialized() and APP_NAME
