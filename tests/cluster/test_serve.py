@@ -9,9 +9,9 @@ Waits on the cluster's state poll GetClusterStatus with a deadline: ranks report
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -93,8 +93,17 @@ def _wait_status(
         if ok(ranks):
             return ranks
         if time.monotonic() > deadline:
-            pytest.fail(f"cluster status never showed {what}: {ranks}")
+            pytest.fail(f"cluster status never showed {what}: {_brief(ranks)}")
         time.sleep(0.2)  # the ranks report every 0.5 s; this polls, bounded by the deadline
+
+
+def _brief(ranks: dict[str, list[pb.RankStatus]]) -> str:
+    return "; ".join(
+        f"{stage} {r.replica_id}: running {r.running_requests}, queued "
+        f"{r.queued_prompt_tokens}, kv {r.kv_blocks_used}/{r.kv_blocks_total}"
+        for stage, rs in ranks.items()
+        for r in rs
+    )
 
 
 def _idle(ranks: dict[str, list[pb.RankStatus]]) -> bool:
@@ -178,40 +187,35 @@ def test_auth(cluster):
 
 
 def test_prefill_follows_queued_prompt_tokens(client, cluster):
-    """A long prompt (188 prefill steps at 16 tokens each) is queued on one prefill rank; the
-    short prompts sent meanwhile all go to the other rank."""
+    """A long prompt (244 prefill steps at 16 tokens each) is queued on one prefill rank; the
+    short prompts sent meanwhile, all at once, go to the other rank."""
+    _wait_status(client, _idle, "an idle cluster")
     before = {r.replica_id: r.tokens_processed for r in _ranks(client, "prefill")}
-    long = client.generate(prompt_token_ids=[7] * 3000, max_tokens=1, temperature=0.0)
-    first = None
-    with InferenceClient(cluster, token=TOKEN, timeout_s=120) as other:
-        done = threading.Event()
-
-        def run_long() -> None:
-            nonlocal first
-            first = list(long)
-            done.set()
-
-        t = threading.Thread(target=run_long)
-        t.start()
-        try:
-            _wait_status(
-                client,
-                lambda rs: any(r.queued_prompt_tokens > 0 for r in rs["prefill"]),
-                "the long prompt queued on a prefill rank",
-            )
-            shorts = [other.complete(prompt_token_ids=[3, i, 5], max_tokens=1) for i in range(4)]
-        finally:
-            assert done.wait(120), "the long prefill did not finish"
-            t.join(10)
-    assert first is not None and first[-1].finish_reason == "length"
-    assert all(s.finish_reason == "length" for s in shorts)
+    with (
+        InferenceClient(cluster, token=TOKEN, timeout_s=120) as other,
+        ThreadPoolExecutor(5) as pool,
+    ):
+        long = pool.submit(other.complete, prompt_token_ids=[7] * 3900, max_tokens=1)
+        _wait_status(
+            client,
+            lambda rs: any(r.queued_prompt_tokens > 0 for r in rs["prefill"]),
+            "the long prompt queued on a prefill rank",
+        )
+        shorts = [
+            pool.submit(other.complete, prompt_token_ids=[3, i] * 25, max_tokens=1)
+            for i in range(4)
+        ]
+        assert all(s.result(120).finish_reason == "length" for s in shorts)
+        assert long.result(120).finish_reason == "length"
     after = _wait_status(
         client,
-        lambda rs: sum(r.tokens_processed for r in rs["prefill"]) >= sum(before.values()) + 3012,
+        lambda rs: sum(r.tokens_processed for r in rs["prefill"]) >= sum(before.values()) + 4100,
         "all prefill tokens counted",
     )
-    delta = sorted(r.tokens_processed - before[r.replica_id] for r in after["prefill"])
-    assert delta == [12, 3000]  # 4 short prompts of 3 tokens on one rank, the long one alone
+    short, long_ = sorted(r.tokens_processed - before[r.replica_id] for r in after["prefill"])
+    # the 4 short prompts (50 tokens each) on one rank, the long one alone on the other; the
+    # slack (< 50) covers earlier tests' last tokens that reached `before` after it was read
+    assert 3900 <= long_ < 3950 and 200 <= short < 250, (before, _brief(after))
 
 
 def test_decode_follows_kv_usage_and_cancel_frees_kv(client):

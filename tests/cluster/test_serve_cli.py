@@ -1,0 +1,176 @@
+"""`moe-cluster serve` as an operator runs it: its own embedded Ray, `ready on HOST:PORT`, grpcurl
+(a client nobody here wrote) through Serve's gRPC proxy with reflection, `moe-cluster generate`,
+then SIGTERM -> a clean exit. Auth is off here (no tokens configured)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.offline import PromptSpec, run_offline
+from workers.engine import SamplingParams
+from workers.engine.build import build_engine
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    """No Ray in the test process: `moe-cluster serve` starts its own embedded one."""
+    yield
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "moe-cluster"), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_bad_flags_exit_2_naming_the_flag(tiny_checkpoint, tmp_path):
+    model = str(tiny_checkpoint("qwen3_moe"))
+    r = _cli("serve", "--model", model, "--decode-gangs", "0")
+    assert r.returncode == 2 and "--decode-gangs: must be >= 1" in r.stderr
+    r = _cli("serve", "--model", str(tmp_path))
+    assert r.returncode == 2 and "--model:" in r.stderr and "config.json" in r.stderr
+    bad = tmp_path / "cluster.yaml"
+    bad.write_text("model: {path: x}\nrouter: {prot: 9000}\n")
+    r = _cli("serve", "--config", str(bad))
+    assert r.returncode == 2 and "router.prot: unknown key; did you mean 'port'?" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+class _Server:
+    def __init__(self, args: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [str(BIN / "moe-cluster"), "serve", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def wait_for(self, text: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            self.seen.append(line)
+            if text in line:
+                return line
+        tail = "".join(self.seen[-30:])
+        pytest.fail(f"`moe-cluster serve` never printed {text!r} in {timeout_s} s:\n{tail}")
+
+
+def test_serve_grpcurl_generate_and_sigterm(tiny_checkpoint):
+    model = tiny_checkpoint("qwen3_moe")
+    port = _free_port()
+    server = _Server(["--model", str(model), "--port", str(port), "--http-port", str(_free_port())])
+    try:
+        ready = server.wait_for("ready on", 300)
+        assert f":{port}" in ready
+        target = f"localhost:{port}"
+
+        listed = subprocess.run(
+            [str(BIN / "grpcurl"), "-plaintext", target, "list"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "moe.v1.Inference" in listed.stdout.split(), listed.stderr
+
+        body = '{"prompt":"hi","sampling":{"max_tokens":8}}'
+        call = subprocess.run(
+            [str(BIN / "grpcurl"), "-plaintext", "-d", body, target, "moe.v1.Inference/Generate"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert call.returncode == 0, call.stderr
+        chunks = _json_objects(call.stdout)
+        assert sum(len(c.get("tokenids", [])) for c in chunks) == 8
+        assert chunks[-1]["finishreason"] == "length"
+        assert chunks[-1]["usage"]["completiontokens"] == 8
+
+        bad = subprocess.run(
+            [
+                str(BIN / "grpcurl"),
+                "-plaintext",
+                "-d",
+                '{"prompt":"hi","sampling":{"top_p":3}}',
+                target,
+                "moe.v1.Inference/Generate",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "InvalidArgument" in bad.stderr and "sampling.top_p" in bad.stderr
+
+        params = SamplingParams(max_tokens=12, temperature=0.0)
+        (want,) = run_offline(build_engine(model), [PromptSpec("p", "Once upon a time", params)])
+        gen = _cli(
+            "generate",
+            "Once upon a time",
+            "--port",
+            str(port),
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+        )
+        assert gen.returncode == 0, gen.stderr
+        assert gen.stdout == want.text
+        assert "[length, " in gen.stderr
+    finally:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            code = server.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            pytest.fail("`moe-cluster serve` did not exit within 60 s of SIGTERM")
+    server.wait_for("stopped", 10)
+    assert code == 0
+
+
+def _json_objects(text: str) -> list[dict]:
+    """grpcurl prints one pretty JSON object per streamed message; keys are normalized to
+    lower case without underscores (grpcurl versions print `token_ids` or `tokenIds`)."""
+
+    def norm(obj):
+        if isinstance(obj, dict):
+            return {k.replace("_", "").lower(): norm(v) for k, v in obj.items()}
+        return obj
+
+    dec, out, i = json.JSONDecoder(), [], 0
+    while i < len(text):
+        if text[i].isspace():
+            i += 1
+            continue
+        obj, i = dec.raw_decode(text, i)
+        out.append(norm(obj))
+    return out
