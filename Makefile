@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 STAMP := $(VENV)/.installed
-TINY := .cache/tiny-qwen3
+TINY := .cache/tiny-deepseek_v3
 
 .PHONY: install run test lint typecheck unit bench clean proto
 
@@ -23,11 +23,11 @@ $(STAMP): pyproject.toml
 	fi
 	touch $(STAMP)
 
+# The cluster on an embedded Ray: 1 prefill gang + 1 decode gang of 2 CPU ranks each, gRPC on
+# localhost:9000, one streamed demo request, then serving until Ctrl-C.
 run: install
-	test -f $(TINY)/config.json || $(BIN)/moe-cluster make-tiny --arch qwen3_moe --out $(TINY)
-	$(BIN)/moe-cluster offline --model $(TINY) --max-tokens 24 \
-	  --prompt "The quick brown fox" --prompt "Mixture of experts models route each token" \
-	  --prompt "Once upon a time"
+	test -f $(TINY)/config.json || $(BIN)/moe-cluster make-tiny --arch deepseek_v3 --out $(TINY)
+	$(BIN)/moe-cluster serve --model $(TINY) --demo "Mixture of experts models route each token"
 
 lint: install
 	$(BIN)/ruff check .

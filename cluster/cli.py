@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-gang-size", type=int, help="expert-parallel ranks per decode gang")
     s.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy port")
     s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for ready")
+    s.add_argument("--demo", metavar="PROMPT", help="once ready, stream one greedy completion")
 
     g = sub.add_parser("generate", help="stream one completion from a running cluster")
     g.add_argument("prompt", help="prompt text")

@@ -82,6 +82,9 @@ def serve_command(args: argparse.Namespace) -> int:
         deploy(cfg, http_port=args.http_port, timeout_s=args.timeout)
         host = "localhost" if embedded else ray.util.get_node_ip_address()
         print(f"moe-cluster serve: ready on {host}:{cfg.router.port}", flush=True)
+        if args.demo:
+            _demo(f"localhost:{cfg.router.port}", args.demo, cfg.router.auth_tokens)
+        print("moe-cluster serve: serving until Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
         threading.Event().wait()  # until a signal raises _Stop
     except _Stop as e:
         print(f"moe-cluster serve: {e}: shutting down", file=sys.stderr, flush=True)
@@ -96,6 +99,17 @@ def serve_command(args: argparse.Namespace) -> int:
             ray.shutdown()
         print("moe-cluster serve: stopped", file=sys.stderr, flush=True)
     return code
+
+
+def _demo(target: str, prompt: str, tokens: list[str]) -> None:
+    from router.client import InferenceClient
+
+    with InferenceClient(target, token=tokens[0] if tokens else None, timeout_s=120) as client:
+        print(f"demo> {prompt}", flush=True)
+        for chunk in client.generate(prompt, max_tokens=32, temperature=0.0):
+            print(chunk.text, end="", flush=True)
+            if chunk.finish_reason is not None:
+                print(f"\n[{chunk.finish_reason}]", flush=True)
 
 
 def generate_command(args: argparse.Namespace) -> int:
