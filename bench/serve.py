@@ -158,6 +158,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the offline engine")
+    ap.add_argument("--gang-size", type=int, default=2, help="ranks per prefill and decode gang")
+    ap.add_argument("--decode-threads", type=int, default=1, help="torch threads per decode rank")
     args = ap.parse_args()
     levels = [int(s) for s in args.streams.split(",")]
     path = checkpoint(args.arch, args.preset)
@@ -168,7 +170,14 @@ def main() -> None:
     }
 
     port = _free_port()
-    cfg = ClusterConfig.from_args({"model": {"path": str(path)}, "router": {"port": port}})
+    cfg = ClusterConfig.from_args(
+        {
+            "model": {"path": str(path)},
+            "prefill": {"gang_size": args.gang_size},
+            "decode": {"gang_size": args.gang_size, "torch_threads": args.decode_threads},
+            "router": {"port": port},
+        }
+    )
     ray.init(include_dashboard=False, log_to_driver=False)
     served: dict[int, dict[str, float]] = {}
     try:
@@ -194,7 +203,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(
         f"\n{args.arch} ({args.preset} preset), prompt {args.prompt_len} tokens, "
-        f"{args.new_tokens} new tokens per stream, greedy fp32"
+        f"{args.new_tokens} new tokens per stream, greedy fp32; cluster: prefill 1 gang x "
+        f"{args.gang_size}, decode 1 gang x {args.gang_size} ({args.decode_threads} threads/rank)"
     )
     print(
         "| streams | cluster tok/s | offline tok/s | ratio | TTFT p50 / p99 ms | ITL p50 / p99 ms |"

@@ -101,7 +101,7 @@ class _RankServer:
             member,
             dtype=cfg.model.dtype,
             engine_config=engine_config(cfg, self.stage),
-            threads=max(1, int(stage_cfg.num_cpus_per_rank)),
+            threads=stage_cfg.torch_threads or max(1, int(stage_cfg.num_cpus_per_rank)),
             device="cuda" if on_gpu else "cpu",
         )
         self._stop = threading.Event()

@@ -104,6 +104,11 @@ class _Stage(_Schema):
     kv_cache_bytes: int = Field(
         default=512 << 20, gt=0, description="KV memory per rank (decode: unless kv_blocks is set)"
     )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="intra-op threads per rank; None: int(num_cpus_per_rank), >= 1",
+    )
     autoscaling: _Autoscaling | None = Field(default=None, description="None: fixed num_gangs")
 
     @property

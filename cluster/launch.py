@@ -30,9 +30,7 @@ def deploy(cfg: ClusterConfig, *, http_port: int = 8000, timeout_s: float = 600.
     """Start Serve (gRPC proxy on `router.port` with reflection, HTTP on `http_port`) on the
     connected Ray, deploy the application and return once it serves requests."""
     serve.start(
-        grpc_options=gRPCOptions(
-            port=cfg.router.port, grpc_servicer_functions=[SERVICER_FUNCTION]
-        ),
+        grpc_options=gRPCOptions(port=cfg.router.port, grpc_servicer_functions=[SERVICER_FUNCTION]),
         http_options={"host": "0.0.0.0", "port": http_port},
     )
     serve.run_many(

@@ -69,40 +69,97 @@ _CLASSES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
 # Shapes per (arch, preset). vocab_size and max_position_embeddings are added in build_config.
 _SHAPES: dict[tuple[str, str], dict[str, Any]] = {
     ("deepseek_v3", "tiny"): dict(
-        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, first_k_dense_replace=1,
-        n_shared_experts=1, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        first_k_dense_replace=1,
+        n_shared_experts=1,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
     ),
     ("deepseek_v3", "bench"): dict(
-        hidden_size=512, intermediate_size=1536, moe_intermediate_size=192, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=8, q_lora_rank=256, kv_lora_rank=128,
-        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, first_k_dense_replace=1,
-        n_shared_experts=1, n_routed_experts=64, num_experts_per_tok=8, n_group=8, topk_group=4,
+        hidden_size=512,
+        intermediate_size=1536,
+        moe_intermediate_size=192,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        q_lora_rank=256,
+        kv_lora_rank=128,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        first_k_dense_replace=1,
+        n_shared_experts=1,
+        n_routed_experts=64,
+        num_experts_per_tok=8,
+        n_group=8,
+        topk_group=4,
     ),
     ("qwen3_moe", "tiny"): dict(
-        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=16,
-        num_experts_per_tok=4, decoder_sparse_step=1, mlp_only_layers=[1],
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=16,
+        num_experts_per_tok=4,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
     ),
     ("qwen3_moe", "bench"): dict(
-        hidden_size=512, intermediate_size=1536, moe_intermediate_size=256, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=64, num_experts=48,
-        num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[],
+        hidden_size=512,
+        intermediate_size=1536,
+        moe_intermediate_size=256,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        num_experts=48,
+        num_experts_per_tok=8,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
     ),
     ("mixtral", "tiny"): dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=8,
+        num_experts_per_tok=2,
     ),
     ("mixtral", "bench"): dict(
-        hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=4, head_dim=64, num_local_experts=8, num_experts_per_tok=2,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        num_local_experts=8,
+        num_experts_per_tok=2,
     ),
 }
 # Fields that hold for every preset of an arch (real-model conventions).
 _COMMON: dict[str, dict[str, Any]] = {
     "deepseek_v3": dict(
-        rope_interleave=True, norm_topk_prob=True, routed_scaling_factor=2.5, num_mtp_layers=0,
+        rope_interleave=True,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        num_mtp_layers=0,
     ),
     "qwen3_moe": dict(norm_topk_prob=True, use_sliding_window=False, sliding_window=None),
     "mixtral": dict(sliding_window=None),
@@ -137,14 +194,21 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
     tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
         chat_template=CHAT_TEMPLATE,
     )
 
 
 def build_config(
-    arch: str, preset: str = "tiny", overrides: dict[str, Any] | None = None,
-    *, tokenizer: PreTrainedTokenizerFast | None = None,
+    arch: str,
+    preset: str = "tiny",
+    overrides: dict[str, Any] | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerFast | None = None,
 ) -> PretrainedConfig:
     """The transformers config of `arch` at `preset`, with `overrides` (config kwargs) applied.
 
@@ -156,8 +220,10 @@ def build_config(
     kwargs: dict[str, Any] = {**_PRESET[preset], **_COMMON[arch], **_SHAPES[(arch, preset)]}
     kwargs["vocab_size"] = max(kwargs["vocab_size"], math.ceil(len(tok) / 64) * 64)
     kwargs.update(
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
     )
     unknown = [k for k in overrides or {} if not hasattr(config_cls(), k)]
     if unknown:

@@ -281,3 +281,15 @@ def test_status_groups_ranks_by_stage_and_gang(client):
         for r in gang.ranks:
             assert r.kv_blocks_total > 0 and len(r.expert_load) > 0
     assert ray.is_initialized() and APP_NAME
+
+
+def test_deadline_during_prefill_stops_the_prefill(client):
+    """A client deadline that passes mid-prefill aborts it on the prefill rank: the rank stops
+    short of the prompt's 3,900 tokens and frees the blocks."""
+    _wait_status(client, _idle, "an idle cluster")
+    before = sum(r.tokens_processed for r in _ranks(client, "prefill"))
+    with pytest.raises(ClientError) as err:
+        list(client.generate(prompt_token_ids=[7] * 3900, max_tokens=1, timeout_s=0.5))
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    ranks = _wait_status(client, _idle, "every KV block free after the deadline")
+    assert 0 < sum(r.tokens_processed for r in ranks["prefill"]) - before < 3900
