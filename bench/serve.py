@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the offline engine")
     ap.add_argument("--gang-size", type=int, default=2, help="ranks per prefill and decode gang")
-    ap.add_argument("--decode-threads", type=int, default=1, help="torch threads per decode rank")
+    ap.add_argument("--rank-threads", type=int, default=1, help="torch threads per rank")
     args = ap.parse_args()
     levels = [int(s) for s in args.streams.split(",")]
     path = checkpoint(args.arch, args.preset)
@@ -173,8 +173,8 @@ def main() -> None:
     cfg = ClusterConfig.from_args(
         {
             "model": {"path": str(path)},
-            "prefill": {"gang_size": args.gang_size},
-            "decode": {"gang_size": args.gang_size, "torch_threads": args.decode_threads},
+            "prefill": {"gang_size": args.gang_size, "torch_threads": args.rank_threads},
+            "decode": {"gang_size": args.gang_size, "torch_threads": args.rank_threads},
             "router": {"port": port},
         }
     )
@@ -204,7 +204,7 @@ def main() -> None:
     print(
         f"\n{args.arch} ({args.preset} preset), prompt {args.prompt_len} tokens, "
         f"{args.new_tokens} new tokens per stream, greedy fp32; cluster: prefill 1 gang x "
-        f"{args.gang_size}, decode 1 gang x {args.gang_size} ({args.decode_threads} threads/rank)"
+        f"{args.gang_size}, decode 1 gang x {args.gang_size} ({args.rank_threads} threads/rank)"
     )
     print(
         "| streams | cluster tok/s | offline tok/s | ratio | TTFT p50 / p99 ms | ITL p50 / p99 ms |"
