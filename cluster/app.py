@@ -24,7 +24,9 @@ import ray
 from ray import serve
 
 from cluster.config import ClusterConfig, DecodeConfig, PrefillConfig
+from cluster.metrics import RankMetrics
 from cluster.registry import REPORT_PERIOD_S, gang_init_method, registry
+from router.metrics import RouterMetrics
 from router.requests import StopLimits
 from router.servicer import InferenceServicer, ModelDescription, RouterSettings
 from workers.engine import EngineConfig, SchedulerConfig
@@ -104,6 +106,7 @@ class _RankServer:
             threads=stage_cfg.torch_threads or max(1, int(stage_cfg.num_cpus_per_rank)),
             device="cuda" if on_gpu else "cpu",
         )
+        self._metrics = RankMetrics()
         self._stop = threading.Event()
         self._reporter = threading.Thread(target=self._report, name="status-report", daemon=True)
         self._reporter.start()
@@ -111,7 +114,9 @@ class _RankServer:
     def _report(self) -> None:
         while not self._stop.wait(REPORT_PERIOD_S):
             try:
-                self._registry.report.remote(self.rank.status())
+                status = self.rank.status()
+                self._metrics.update(status)
+                self._registry.report.remote(status)
             except Exception as e:  # the registry is gone (app shutting down): stop reporting
                 log.warning("status report failed: %r", e)
                 return
@@ -190,6 +195,7 @@ class RouterServer(InferenceServicer):
                 stop_limits=StopLimits(r.max_stop_strings, r.max_stop_string_chars),
             ),
             cluster_status=cluster_status,
+            metrics=RouterMetrics(),
         )
 
 

@@ -7,8 +7,10 @@ Serve request routers that apply them.
 
 Each rank reports its load through Serve's `record_routing_stats` (every
 `request_routing_stats_period_s`, stamped with the rank's `time_s`). To a rank's last report this
-router adds what it sent there after that report and has not seen finish, so a burst of requests
-does not all land on the rank that looked idle at the last report. The estimate charges the
+router adds what it sent there and has not seen finish, unless it was routed more than
+ADMISSION_GRACE_S before that report (then the report shows it), so a burst of requests does not
+all land on the rank that looked idle at the last report. Recent requests may count twice
+(report + own) for up to the grace: a conservative bias. The estimate charges the
 rank this router picked first; if Serve had to fall back to another (the first was full), the
 next report corrects it.
 """
@@ -34,7 +36,11 @@ __all__ = [
 
 PREFIX_TOKENS = 32  # prompt tokens that make the affinity key
 _AFFINITY_ENTRIES = 4096
-_FORGET_AFTER_S = 600.0  # an in-flight entry older than this is dropped
+_FORGET_AFTER_S = 600.0
+# A request reaches a rank's engine some time after it is routed (transit, the KV pull, the
+# rank finishing its current step), so a report taken shortly after routing may not show it
+# yet: own requests count until a report taken this long after their routing.
+ADMISSION_GRACE_S = 2.0  # an in-flight entry older than this is dropped
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,8 @@ class _StageRouter(RequestRouter):
         self._inflight: dict[str, tuple[str, int, float]] = {}
 
     def _own(self, candidates: list[RunningReplica]) -> tuple[dict[str, int], dict[str, int]]:
-        """Per replica: summed weight and count of this router's in-flight requests routed
-        after the replica's last report (older ones are in the report already)."""
+        """Per replica: summed weight and count of this router's in-flight requests that its
+        last report may not show yet (routed less than ADMISSION_GRACE_S before it)."""
         reported_at = {
             r.replica_id.unique_id: float((r.routing_stats or {}).get("time_s", 0.0))
             for r in candidates
@@ -90,7 +96,7 @@ class _StageRouter(RequestRouter):
         for rid, (replica, w, routed_at) in list(self._inflight.items()):
             if now - routed_at > _FORGET_AFTER_S:  # cancelled before Serve sent it: never completes
                 del self._inflight[rid]
-            elif routed_at > reported_at.get(replica, 0.0):
+            elif routed_at > reported_at.get(replica, 0.0) - ADMISSION_GRACE_S:
                 weight[replica] += w
                 count[replica] += 1
         return weight, count

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -87,6 +88,7 @@ class InferenceServicer:
         model: ModelDescription,
         settings: RouterSettings,
         cluster_status: Callable[[], Awaitable[list[RankStatus]]],
+        metrics: Any = None,  # a RouterMetrics (Ray metrics); None records nothing
     ) -> None:
         self._prefill = prefill.options(method_name="prefill")
         self._decode = decode.options(method_name="decode", stream=True)
@@ -97,6 +99,7 @@ class InferenceServicer:
         self._cluster_status = cluster_status
         self._tokens = [t.encode() for t in settings.auth_tokens]
         self.inflight = 0
+        self.metrics = metrics
 
     # --- moe.v1.Inference ------------------------------------------------------------------
     async def Generate(  # noqa: N802 (gRPC method name)
@@ -120,16 +123,19 @@ class InferenceServicer:
         self.inflight += 1
         calls: list[Any] = []
         done = False
+        clock = _Clock(self.metrics)
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
                 calls.append(
                     self._prefill.remote(PrefillJob(rid, parsed.prompt_token_ids, parsed.params))
                 )
                 result: PrefillResult = await calls[-1]
+                clock.tokens(result.first)
                 yield _response(result.first, n_prompt)
                 if result.first.finish_reason == "handoff":
                     calls.append(self._decode.remote(DecodeJob(rid, n_prompt, result.handoff)))
                     async for chunk in calls[-1]:
+                        clock.tokens(chunk)
                         yield _response(chunk, n_prompt)
             done = True
         except RequestFailed:
@@ -145,6 +151,7 @@ class InferenceServicer:
             self._fail_from_rank(grpc_context, rid, e)
         finally:
             self.inflight -= 1
+            clock.finish(done)
             if not done:  # cancelled or failed: stop the rank's work, free its KV
                 for call in calls:
                     call.cancel()
@@ -217,6 +224,36 @@ class InferenceServicer:
             f"request {rid} failed on a rank ({type(cause).__name__}); retry, and see the "
             "rank logs in the Ray dashboard if it persists",
         )
+
+
+class _Clock:
+    """Per-request latency bookkeeping for the router metrics (no-op without metrics)."""
+
+    def __init__(self, metrics: Any) -> None:
+        self.m = metrics
+        self.start = self.last = time.perf_counter()
+        self.first = True
+        self.reason = "error"
+
+    def tokens(self, chunk: Chunk) -> None:
+        if self.m is None:
+            return
+        now, n = time.perf_counter(), len(chunk.token_ids)
+        if self.first:
+            self.m.ttft.observe(now - self.start)
+            self.first = False
+        elif n:
+            self.m.itl.observe((now - self.last) / n)
+        self.last = now
+        if n:
+            self.m.tokens.inc(n)
+        if chunk.finish_reason not in (None, "handoff"):
+            self.reason = chunk.finish_reason
+
+    def finish(self, done: bool) -> None:
+        if self.m is not None:
+            reason = self.reason if done else "cancelled_or_failed"
+            self.m.requests.inc(1, {"finish_reason": reason})
 
 
 def _response(chunk: Chunk, num_prompt_tokens: int) -> pb.GenerateResponse:

@@ -72,6 +72,8 @@ class RankStatus:
     expert_load: list[list[int]]  # [MoE layer][logical expert] tokens over recent steps
     moe_layers: list[int]  # decoder layer index of each expert_load row
     time_s: float  # when the snapshot was taken (time.time() on the rank's node)
+    dispatch_bytes_sent: int = 0  # MoE all-to-all bytes to other ranks since the rank started
+    dispatch_bytes_received: int = 0  # ... and from them
 
     @property
     def kv_usage(self) -> float:

@@ -109,7 +109,23 @@ class StageRank:
             expert_load=load.tolist(),
             moe_layers=self._moe_layers,
             time_s=now,
+            **self._dispatch_bytes(),
         )
+
+    def _dispatch_bytes(self) -> dict[str, int]:
+        layers = self.engine.model.moe_layers()
+        dispatcher = getattr(layers[0], "dispatcher", None) if layers else None
+        counters = getattr(dispatcher, "counters", None)
+        if counters is None:
+            return {}
+        try:  # read while the loop thread records: a layer's first record may resize the dict
+            total = counters.overall()
+        except RuntimeError:
+            return {}
+        return {
+            "dispatch_bytes_sent": total.bytes_sent,
+            "dispatch_bytes_received": total.bytes_received,
+        }
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop the gang's loop (every rank stops at the same step) and leave the group."""

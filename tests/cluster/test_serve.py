@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,6 +37,23 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+METRICS_PORT = _free_port()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """This module's Ray exports metrics on a known Prometheus port, reported every second."""
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=METRICS_PORT,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +287,43 @@ def test_deadline_stops_the_work(client):
         )
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     _wait_status(client, _idle, "every KV block free after the deadline")
+
+
+def _scrape() -> dict[str, list[tuple[str, float]]]:
+    """Ray's Prometheus text: metric name -> [(labels, value)] for the ray_moe_* series."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read()
+    series: dict[str, list[tuple[str, float]]] = {}
+    for line in text.decode().splitlines():
+        if line.startswith("ray_moe_"):
+            name_labels, value = line.rsplit(" ", 1)
+            name, _, labels = name_labels.partition("{")
+            series.setdefault(name, []).append((labels, float(value)))
+    return series
+
+
+def test_metrics_on_rays_prometheus_endpoint(client):
+    client.complete("Once upon", max_tokens=6, temperature=0.0, ignore_eos=True)
+    want = {
+        "ray_moe_ttft_seconds_count": lambda ls: sum(v for _, v in ls) >= 1,
+        "ray_moe_itl_seconds_count": lambda ls: sum(v for _, v in ls) >= 5,
+        "ray_moe_generated_tokens_total": lambda ls: sum(v for _, v in ls) >= 6,
+        "ray_moe_requests_total": lambda ls: any('finish_reason="length"' in lb for lb, _ in ls),
+        "ray_moe_queued_prompt_tokens": lambda ls: any('stage="prefill"' in lb for lb, _ in ls),
+        "ray_moe_kv_usage": lambda ls: sum('stage="decode"' in lb for lb, _ in ls) == 4,
+        "ray_moe_expert_load_imbalance": lambda ls: any('layer="' in lb and v >= 1 for lb, v in ls),
+        "ray_moe_dispatch_bytes_total": lambda ls: any(
+            'direction="sent"' in lb and v > 0 for lb, v in ls
+        ),
+    }
+    deadline = time.monotonic() + 60
+    while True:
+        series = _scrape()
+        missing = [name for name, ok in want.items() if not ok(series.get(name, []))]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"not on the Prometheus endpoint after 60 s: {missing}")
+        time.sleep(1)  # Ray exports every second here; bounded by the deadline
 
 
 def test_status_groups_ranks_by_stage_and_gang(client):

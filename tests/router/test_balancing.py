@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from router.balancing import (
+    ADMISSION_GRACE_S,
     PREFIX_TOKENS,
     DecodeRequestRouter,
     PrefillRequestRouter,
@@ -179,14 +180,18 @@ def test_prefill_burst_on_busy_replicas_spreads():
 
 
 def test_work_already_in_a_report_is_not_counted_twice():
-    """A request routed before the rank's last report is in that report: only later ones add."""
+    """A request routed well before a rank's report (more than the admission grace) is in that
+    report and is not added again; one routed just before the report still counts."""
     router = _router(PrefillRequestRouter)
     idle = [_replica("r0"), _replica("r1")]
     assert _route(router, idle, _prefill("a", [1] * 100))[0] == "r0"
-    # r0 reports after that routing: its 100 queued tokens are now in the stats
+    soon = time.time() + 0.1  # a report right after routing may not show the request yet
+    assert router._own([_replica("r0", time_s=soon), _replica("r1", time_s=soon)])[0] == {"r0": 100}
+    # r0 reports well after that routing: its 100 queued tokens are in the stats
+    later = time.time() + ADMISSION_GRACE_S + 1
     reported = [
-        _replica("r0", queued_prompt_tokens=100, time_s=time.time() + 1),
-        _replica("r1", queued_prompt_tokens=0, time_s=time.time() + 1),
+        _replica("r0", queued_prompt_tokens=100, time_s=later),
+        _replica("r1", queued_prompt_tokens=0, time_s=later),
     ]
     assert router._own(reported) == ({}, {})
     assert _route(router, reported, _prefill("b", [2] * 50))[0] == "r1"

@@ -53,9 +53,7 @@ class Scheduler:
     def num_queued_prompt_tokens(self) -> int:
         """Prompt tokens still to compute: waiting sequences and the rest of chunked prefills."""
         waiting = sum(s.num_tokens - s.num_computed for s in self.waiting)
-        return waiting + sum(
-            max(0, len(s.prompt_token_ids) - s.num_computed) for s in self.running
-        )
+        return waiting + sum(max(0, len(s.prompt_token_ids) - s.num_computed) for s in self.running)
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.config.max_waiting:

@@ -1,0 +1,64 @@
+"""Ray metrics of the ranks (exported on Ray's Prometheus endpoint as `ray_moe_*`; the Grafana
+dashboard in deploy/grafana/ reads them). The router's own metrics are in router/metrics.py.
+
+Each rank sets its gauges from the `RankStatus` it reports every 0.5 s; cumulative counters
+(dispatch bytes) advance by the difference since the previous report.
+"""
+
+from __future__ import annotations
+
+from workers.messages import RankStatus
+
+__all__ = ["RankMetrics"]
+
+_RANK_TAGS = ("stage", "gang", "rank")
+
+
+class RankMetrics:
+    def __init__(self) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        self.queued = Gauge(
+            "moe_queued_prompt_tokens", "prompt tokens waiting to be prefilled", _RANK_TAGS
+        )
+        self.kv_usage = Gauge("moe_kv_usage", "KV cache blocks in use / blocks (0..1)", _RANK_TAGS)
+        self.kv_used = Gauge("moe_kv_blocks_used", "KV cache blocks in use", _RANK_TAGS)
+        self.running = Gauge("moe_running_requests", "requests the rank holds", _RANK_TAGS)
+        self.tokens_per_s = Gauge("moe_rank_tokens_per_second", "tokens run per second", _RANK_TAGS)
+        self.imbalance = Gauge(
+            "moe_expert_load_imbalance",
+            "max / mean tokens per expert of one MoE layer over recent steps (1 = even)",
+            (*_RANK_TAGS, "layer"),
+        )
+        self.layer_tokens = Gauge(
+            "moe_expert_load_tokens",
+            "expert picks of one MoE layer over recent steps (this rank's tokens)",
+            (*_RANK_TAGS, "layer"),
+        )
+        self.dispatch = Counter(
+            "moe_dispatch_bytes_total",
+            "MoE all-to-all bytes exchanged with other ranks",
+            (*_RANK_TAGS, "direction"),
+        )
+        self._sent = self._received = 0
+
+    def update(self, s: RankStatus) -> None:
+        tags = {"stage": s.stage, "gang": s.gang_id, "rank": str(s.rank)}
+        self.queued.set(s.queued_prompt_tokens, tags)
+        self.kv_usage.set(s.kv_usage, tags)
+        self.kv_used.set(s.kv_blocks_used, tags)
+        self.running.set(s.running_requests, tags)
+        self.tokens_per_s.set(s.tokens_per_s, tags)
+        for layer, counts in zip(s.moe_layers, s.expert_load, strict=True):
+            total = sum(counts)
+            layer_tags = {**tags, "layer": str(layer)}
+            self.layer_tokens.set(total, layer_tags)
+            if total:
+                self.imbalance.set(max(counts) / (total / len(counts)), layer_tags)
+        for direction, now, attr in (
+            ("sent", s.dispatch_bytes_sent, "_sent"),
+            ("received", s.dispatch_bytes_received, "_received"),
+        ):
+            if now > getattr(self, attr):
+                self.dispatch.inc(now - getattr(self, attr), {**tags, "direction": direction})
+                setattr(self, attr, now)
