@@ -42,6 +42,9 @@ __all__ = ["APP_NAME", "build_app", "engine_config"]
 log = logging.getLogger("moe_cluster")
 APP_NAME = "moe-cluster"
 ROUTING_STATS_PERIOD_S = 0.2
+# A rank being scaled away finishes its in-flight requests first: Serve waits for them up to
+# graceful_shutdown_timeout_s = the longest a request may run + this margin, then force-kills.
+GRACEFUL_MARGIN_S = 30.0
 _RANK_CLASSES: dict[str, type[StageRank]] = {"prefill": PrefillRank, "decode": DecodeRank}
 
 
@@ -107,6 +110,7 @@ class _RankServer:
             device="cuda" if on_gpu else "cpu",
         )
         self._metrics = RankMetrics()
+        self._leave_timeout_s = cfg.router.request_timeout_s
         self._stop = threading.Event()
         self._reporter = threading.Thread(target=self._report, name="status-report", daemon=True)
         self._reporter.start()
@@ -135,10 +139,16 @@ class _RankServer:
         self.rank.check_health()
 
     def __del__(self) -> None:
+        """Serve's graceful shutdown (scale-down, redeploy, app deleted) ends here once this
+        replica's own requests are done; the rank keeps stepping with its gang until every rank
+        of the gang is shutting down, so a peer's in-flight streams finish."""
         self._stop.set()
         with contextlib.suppress(Exception):
             self._registry.forget.remote(self.rank.member.replica_id, self.rank.member.gang_id)
-        self.rank.close()
+        try:
+            self.rank.close(timeout_s=self._leave_timeout_s, graceful=True)
+        except TimeoutError:
+            log.warning("gang peers still serving after %s s; leaving", self._leave_timeout_s)
 
 
 class PrefillServer(_RankServer):
@@ -220,7 +230,7 @@ def _stage_options(cfg: ClusterConfig, stage: str, request_router: str) -> dict[
             "request_router_kwargs": {"block_size": cfg.decode.block_size},
         },
         "health_check_period_s": 5.0,
-        "graceful_shutdown_timeout_s": 30.0,
+        "graceful_shutdown_timeout_s": cfg.router.request_timeout_s + GRACEFUL_MARGIN_S,
     }
     if s.autoscaling is None:
         options["num_replicas"] = s.num_replicas

@@ -171,7 +171,12 @@ class RouterConfig(_Schema):
     )
     max_stop_strings: int = Field(default=16, ge=0, description="stop strings per request")
     max_stop_string_chars: int = Field(default=256, gt=0, description="characters per stop string")
-    request_timeout_s: float = Field(default=300.0, gt=0, description="seconds before abort")
+    request_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="seconds before a Generate call is stopped; a rank being scaled away waits "
+        "this long (+30 s) for its in-flight requests",
+    )
 
     @field_validator("auth_tokens")
     @classmethod

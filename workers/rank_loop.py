@@ -41,6 +41,7 @@ class RankLoop:
         self._inbox: queue.SimpleQueue[_Submit | str] = queue.SimpleQueue()  # str: abort id
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._leave = threading.Event()
         self._deliver: dict[str, Callable[[object], None]] = {}
         self._ids = itertools.count()
         self._stats = engine.stats()
@@ -51,9 +52,12 @@ class RankLoop:
         self._thread.start()
         return self
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop this loop; in a lockstep group, the whole group stops at the same step."""
-        self._stop.set()
+    def stop(self, timeout_s: float = 30.0, graceful: bool = False) -> None:
+        """Stop this loop; in a lockstep group, the whole group stops at the same step.
+        `graceful` (a gang being scaled away): keep serving until every rank of the group has
+        asked to leave, so a peer's in-flight requests finish; raises TimeoutError if that
+        takes longer than `timeout_s`."""
+        (self._leave if graceful and self.lockstep is not None else self._stop).set()
         self._wake.set()
         self.join(timeout_s)
 
@@ -146,6 +150,7 @@ class RankLoop:
             outputs: list[RequestOutput] | None
             if self.lockstep is not None:  # leave only when the whole group agrees to stop
                 self.lockstep.stop_requested = self._stop.is_set()
+                self.lockstep.leave_requested = self._leave.is_set()
                 outputs = self.lockstep.step()
                 if self.lockstep.stopped:
                     return

@@ -127,9 +127,11 @@ class StageRank:
             "dispatch_bytes_received": total.bytes_received,
         }
 
-    def close(self, timeout_s: float = 30.0) -> None:
-        """Stop the gang's loop (every rank stops at the same step) and leave the group."""
-        self.loop.stop(timeout_s)
+    def close(self, timeout_s: float = 30.0, graceful: bool = False) -> None:
+        """Stop the gang's loop (every rank stops at the same step) and leave the group.
+        `graceful`: keep stepping with the gang until every rank is closing (scale-down: a
+        peer's in-flight requests finish first)."""
+        self.loop.stop(timeout_s, graceful=graceful)
         self.ep.close()
 
 

@@ -1,6 +1,8 @@
 """Two expert-parallel ranks, each driven by its RankLoop thread in lockstep (the serving shape):
 requests sent to one rank only stream the single-engine tokens while the idle peer runs empty
-steps; one rank's stop ends both loops at the same step."""
+steps. Two ways to end: "hard" (rank 0's stop ends both loops at the same step) and "graceful"
+(rank 1 asks to leave first, as a gang being scaled away does, and keeps stepping so rank 0's
+requests finish; the group stops once rank 0 leaves too)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [40] * 12]
 JOIN_TIMEOUT_S = 240
 
 
-def _child(rank: int, ckpt: str, tmp: str) -> None:
+def _child(rank: int, ckpt: str, tmp: str, mode: str) -> None:
     try:
         from workers.engine import SamplingParams
         from workers.engine.build import build_engine
@@ -31,7 +33,9 @@ def _child(rank: int, ckpt: str, tmp: str) -> None:
         )
         loop = RankLoop(member.engine, member.lockstep).start()
         result: dict = {"rank": rank}
-        if rank == 0:
+        if rank == 1 and mode == "graceful":
+            loop.stop(180, graceful=True)  # returns once rank 0 has left too
+        elif rank == 0:
 
             async def main():
                 async def one(p):
@@ -42,7 +46,7 @@ def _child(rank: int, ckpt: str, tmp: str) -> None:
             result["tokens"] = asyncio.run(main())
             reference = build_engine(ckpt).generate([(p, params) for p in PROMPTS])
             result["reference"] = [o.token_ids for o in reference]
-            loop.stop(60)  # stops the whole group
+            loop.stop(60, graceful=mode == "graceful")  # hard: stops the whole group
         else:
             loop.join(180)  # ends when rank 0 stops the group
         result["stopped"] = member.lockstep.stopped
@@ -54,11 +58,11 @@ def _child(rank: int, ckpt: str, tmp: str) -> None:
         raise
 
 
-@pytest.fixture(scope="module")
-def results(tiny_checkpoint, tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("loopgroup")
+@pytest.fixture(scope="module", params=["hard", "graceful"])
+def results(request, tiny_checkpoint, tmp_path_factory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp(f"loopgroup-{request.param}")
     ckpt = str(tiny_checkpoint("qwen3_moe"))
-    run_spawned(_child, (ckpt, str(tmp)), WORLD, tmp, JOIN_TIMEOUT_S)
+    run_spawned(_child, (ckpt, str(tmp), request.param), WORLD, tmp, JOIN_TIMEOUT_S)
     return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
@@ -66,6 +70,6 @@ def test_requests_on_one_rank_match_a_single_engine(results):
     assert results[0]["tokens"] == results[0]["reference"]
 
 
-def test_one_stop_ends_the_group_and_frees_everything(results):
+def test_the_group_ends_together_and_frees_everything(results):
     assert all(r["stopped"] for r in results)
     assert all(r["kv_used"] == 0 for r in results)

@@ -4,9 +4,11 @@ Every MoE layer is a collective, so all ranks of a group must run each step toge
 step the ranks agree on whether any of them has work (one tiny all-reduce); if so every rank
 steps, a rank without work running an empty step (zero tokens dispatched). When the whole group
 is idle, `Lockstep.step` returns None and the caller backs off (`IdleBackoff`) instead of
-spinning: the dev and CI machines have 2 cores. Stopping is agreed the same way: one rank's
-`stop_requested` reaches every rank in the same all-reduce, so no rank leaves while a peer waits
-in a collective.
+spinning: the dev and CI machines have 2 cores. Stopping is agreed the same way, in the same
+all-reduce, so no rank leaves while a peer waits in a collective: one rank's `stop_requested`
+stops the whole group at once (shutdown, failure); `leave_requested` (a graceful scale-down of
+the gang) keeps a rank stepping, serving its own requests and its peers' collectives, until
+every rank of the group has asked to leave.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Lockstep:
         self.after_step = after_step
         self.num_steps = 0  # group steps run, identical on every rank
         self.stop_requested = False  # set by this rank (any thread) to stop the whole group
+        self.leave_requested = False  # this rank wants to leave; the group stops once all do
         self.stopped = False  # the group agreed to stop: step() returns None from now on
         nccl = dist.get_backend(group) == dist.Backend.NCCL
         self.flag_device = engine.device if nccl else torch.device("cpu")
@@ -54,9 +57,12 @@ class Lockstep:
         the group agreed to stop: see `stopped`)."""
         if self.stopped:
             return None
-        work, stop = any_rank(
-            [self.engine.has_unfinished(), self.stop_requested], self.group, self.flag_device
+        work, stop, stay = any_rank(
+            [self.engine.has_unfinished(), self.stop_requested, not self.leave_requested],
+            self.group,
+            self.flag_device,
         )
+        stop = stop or not stay
         if stop:
             self.stopped = True
         if stop or not work:

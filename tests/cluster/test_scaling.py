@@ -1,0 +1,192 @@
+"""Scaling a running cluster in whole gangs with `serve deploy` of an updated config (what a
+RayService update and the Ray dashboard's config do), while streams are in flight.
+
+A local Ray cluster is started with `ray start --head` (dashboard on, for Serve's REST API);
+the decode deployment goes 1 gang -> 2 gangs -> 1 gang through `deployments[].num_replicas`
+(a lightweight update: no other replica restarts). Every stream started before or between the
+changes must finish with the offline engine's tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from ray import serve
+
+from cluster.app import APP_NAME
+from cluster.launch import wait_running
+from cluster.tiny import make_tiny
+from router.client import InferenceClient
+from router.proto import SERVICER_FUNCTION
+from workers.engine import SamplingParams
+from workers.engine.build import build_engine
+
+BIN = Path(sys.executable).parent
+NEW_TOKENS = 3000
+pytestmark = pytest.mark.timeout(900)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """`ray start --head` in its own processes; this test process connects as a driver."""
+    gcs, dashboard = _free_port(), _free_port()
+    # token auth off for this throwaway local cluster: `ray start` enables it by default, while a
+    # driver connecting by address here does not send the token
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    subprocess.run(
+        [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2",
+         f"--dashboard-port={dashboard}", "--include-dashboard=true", "--disable-usage-stats"],
+        check=True, capture_output=True, timeout=180, env=env,
+    )  # fmt: skip
+    try:
+        ray.init(address=f"127.0.0.1:{gcs}", log_to_driver=False)
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        ray.shutdown()
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deepseek-scale")
+    return make_tiny("deepseek_v3", out, seed=0, overrides={"max_position_embeddings": 4096})
+
+
+def _config(model: Path, port: int, decode_replicas: int) -> dict:
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "127.0.0.1", "port": _free_port()},
+        "grpc_options": {"port": port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": "cluster.app:build_app",
+                "args": {
+                    "model": {"path": str(model)},
+                    "prefill": {"gang_size": 1, "num_cpus_per_rank": 0.01},
+                    "decode": {
+                        "gang_size": 2,
+                        "num_cpus_per_rank": 0.01,
+                        "block_size": 4,
+                        "kv_blocks": 4096,
+                    },
+                    "router": {"port": port},
+                },
+                # scaling: a multiple of the gang size; only this changes between deploys
+                "deployments": [{"name": "DecodeRank", "num_replicas": decode_replicas}],
+            }
+        ],
+    }
+
+
+def _serve_deploy(dashboard: str, config: dict, tmp: Path) -> None:
+    path = tmp / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    r = subprocess.run(
+        [str(BIN / "serve"), "deploy", str(path), "-a", dashboard],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+def _decode_gangs(client: InferenceClient) -> dict[str, list[str]]:
+    (dep,) = [d for d in client.cluster_status().deployments if d.name == "decode"]
+    return {g.gang_id: [r.replica_id for r in g.ranks] for g in dep.gangs}
+
+
+def _wait_gangs(client: InferenceClient, n: int, timeout_s: float = 300) -> dict[str, list[str]]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        gangs = _decode_gangs(client)
+        if len(gangs) == n and all(len(r) == 2 for r in gangs.values()):
+            return gangs
+        if time.monotonic() > deadline:
+            pytest.fail(f"decode never had {n} gangs of 2 ranks: {gangs}")
+        time.sleep(0.5)  # polling the cluster's status; bounded by the deadline
+
+
+class _Stream(threading.Thread):
+    def __init__(self, target: str, prompt: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.target, self.prompt = target, prompt
+        self.tokens: list[int] = []
+        self.finish: str | None = None
+        self.error: BaseException | None = None
+        self.started = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with InferenceClient(self.target, timeout_s=600) as client:
+                stream = client.generate(
+                    prompt_token_ids=self.prompt, max_tokens=NEW_TOKENS, temperature=0.0,
+                    ignore_eos=True,
+                )  # fmt: skip
+                for chunk in stream:
+                    self.tokens += chunk.token_ids
+                    if len(self.tokens) >= 2:
+                        self.started.set()
+                    self.finish = chunk.finish_reason
+        except BaseException as e:
+            self.error = e
+            self.started.set()
+
+
+def test_decode_gangs_scale_up_and_down_under_load(ray_cluster, model_dir, tmp_path):
+    port = _free_port()
+    _serve_deploy(ray_cluster, _config(model_dir, port, 2), tmp_path)
+    wait_running(300)
+    target = f"localhost:{port}"
+    with InferenceClient(target, timeout_s=60) as client:
+        before = _wait_gangs(client, 1)
+        prefill_before = _prefill_replicas(client)
+
+        prompts = [[5 + i, 9, 11 + i, 3] for i in range(5)]
+        streams = [_Stream(target, p) for p in prompts]
+        for s in streams[:3]:
+            s.start()
+            assert s.started.wait(120) and s.error is None, s.error
+
+        _serve_deploy(ray_cluster, _config(model_dir, port, 4), tmp_path)  # 2 decode gangs
+        grown = _wait_gangs(client, 2)
+        assert set(before) < set(grown)  # the first gang kept serving, a second one joined
+        wait_running(300)
+        for s in streams[3:]:  # land on the idle new gang (lowest KV usage)
+            s.start()
+            assert s.started.wait(120) and s.error is None, s.error
+        assert all(s.is_alive() for s in streams), "streams too short to span the scaling"
+
+        _serve_deploy(ray_cluster, _config(model_dir, port, 2), tmp_path)  # back to 1 gang
+        shrunk = _wait_gangs(client, 1)
+        assert set(shrunk) <= set(grown)
+        wait_running(300)
+        assert _prefill_replicas(client) == prefill_before  # lightweight: nothing else restarted
+
+    for s in streams:
+        s.join(600)
+    assert [s.error for s in streams] == [None] * 5
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    want = build_engine(model_dir).generate([(p, params) for p in prompts])
+    for s, w in zip(streams, want, strict=True):
+        assert s.finish == "length" and s.tokens == w.token_ids
+    assert serve.status().applications[APP_NAME].status == "RUNNING"
+
+
+def _prefill_replicas(client: InferenceClient) -> set[str]:
+    (dep,) = [d for d in client.cluster_status().deployments if d.name == "prefill"]
+    return {r.replica_id for g in dep.gangs for r in g.ranks}
