@@ -23,7 +23,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from cluster.config import ClusterConfig, DecodeConfig, PrefillConfig
+from cluster.config import ClusterConfig, DecodeConfig, PrefillAutoscaling, PrefillConfig
 from cluster.metrics import RankMetrics
 from cluster.registry import REPORT_PERIOD_S, gang_init_method, registry
 from router.metrics import RouterMetrics
@@ -135,6 +135,11 @@ class _RankServer:
             "time_s": s.time_s,
         }
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The stage autoscaling signals (cluster/autoscale.py) of this rank."""
+        s = self.rank.status()
+        return {"queued_prompt_tokens": float(s.queued_prompt_tokens), "kv_usage": s.kv_usage}
+
     def check_health(self) -> None:
         self.rank.check_health()
 
@@ -234,11 +239,25 @@ def _stage_options(cfg: ClusterConfig, stage: str, request_router: str) -> dict[
     }
     if s.autoscaling is None:
         options["num_replicas"] = s.num_replicas
-    else:  # whole gangs: Serve keeps replica counts multiples of gang_size
+    else:  # whole gangs: Serve rounds the policy's rank count up to a multiple of gang_size
+        a = s.autoscaling
+        metric, target = (
+            ("queued_prompt_tokens", float(a.target_queued_prompt_tokens))
+            if isinstance(a, PrefillAutoscaling)
+            else ("kv_usage", float(a.target_kv_usage))  # type: ignore[union-attr]
+        )
         options["autoscaling_config"] = {
-            "min_replicas": s.autoscaling.min_gangs * s.gang_size,
-            "max_replicas": s.autoscaling.max_gangs * s.gang_size,
+            "min_replicas": a.min_gangs * s.gang_size,
+            "max_replicas": a.max_gangs * s.gang_size,
             "initial_replicas": s.num_replicas,
+            "metrics_interval_s": 1.0,
+            "look_back_period_s": 5.0,
+            "upscale_delay_s": a.upscale_delay_s,
+            "downscale_delay_s": a.downscale_delay_s,
+            "policy": {
+                "policy_function": "cluster.autoscale:StageAutoscalingPolicy",
+                "policy_kwargs": {"metric": metric, "target": target},
+            },
         }
     return options
 

@@ -69,6 +69,12 @@ class ModelConfig(_Schema):
 class _Autoscaling(_Schema):
     min_gangs: int = Field(default=1, ge=1, description="fewest gangs autoscaling keeps")
     max_gangs: int = Field(default=1, ge=1, description="most gangs autoscaling starts")
+    upscale_delay_s: float = Field(
+        default=5.0, ge=0, description="how long more gangs must be wanted before one starts"
+    )
+    downscale_delay_s: float = Field(
+        default=120.0, ge=0, description="how long fewer gangs must be wanted before one goes"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> _Autoscaling:

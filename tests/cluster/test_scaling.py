@@ -122,9 +122,9 @@ def _wait_gangs(client: InferenceClient, n: int, timeout_s: float = 300) -> dict
 
 
 class _Stream(threading.Thread):
-    def __init__(self, target: str, prompt: list[int]) -> None:
+    def __init__(self, target: str, prompt: list[int], max_tokens: int = NEW_TOKENS) -> None:
         super().__init__(daemon=True)
-        self.target, self.prompt = target, prompt
+        self.target, self.prompt, self.max_tokens = target, prompt, max_tokens
         self.tokens: list[int] = []
         self.finish: str | None = None
         self.error: BaseException | None = None
@@ -134,7 +134,7 @@ class _Stream(threading.Thread):
         try:
             with InferenceClient(self.target, timeout_s=600) as client:
                 stream = client.generate(
-                    prompt_token_ids=self.prompt, max_tokens=NEW_TOKENS, temperature=0.0,
+                    prompt_token_ids=self.prompt, max_tokens=self.max_tokens, temperature=0.0,
                     ignore_eos=True,
                 )  # fmt: skip
                 for chunk in stream:
@@ -185,6 +185,32 @@ def test_decode_gangs_scale_up_and_down_under_load(ray_cluster, model_dir, tmp_p
     for s, w in zip(streams, want, strict=True):
         assert s.finish == "length" and s.tokens == w.token_ids
     assert serve.status().applications[APP_NAME].status == "RUNNING"
+
+
+def test_decode_autoscales_in_whole_gangs_on_kv_usage(ray_cluster, model_dir, tmp_path):
+    """`decode.autoscaling`: two streams whose KV use is far above target_kv_usage make Serve
+    add a second decode gang on its own (record_autoscaling_stats -> the stage policy)."""
+    port = _free_port()
+    config = _config(model_dir, port, 2)
+    app = config["applications"][0]
+    del app["deployments"]  # replica counts come from the policy now
+    app["args"]["decode"].update(
+        kv_blocks=512, autoscaling={"min_gangs": 1, "max_gangs": 2, "target_kv_usage": 0.05}
+    )
+    _serve_deploy(ray_cluster, config, tmp_path)
+    wait_running(300)
+    target = f"localhost:{port}"
+    with InferenceClient(target, timeout_s=60) as client:
+        assert len(_wait_gangs(client, 1)) == 1
+        # 400 + 600 tokens = 250 of a rank's 512 blocks at most: far above 5 % from the start
+        streams = [_Stream(target, [7 + i] * 400, max_tokens=600) for i in range(2)]
+        for s in streams:
+            s.start()
+            assert s.started.wait(120) and s.error is None, s.error
+        _wait_gangs(client, 2)
+    for s in streams:
+        s.join(600)
+    assert [(s.error, s.finish, len(s.tokens)) for s in streams] == [(None, "length", 600)] * 2
 
 
 def _prefill_replicas(client: InferenceClient) -> set[str]:
