@@ -61,6 +61,15 @@ def ray_cluster(tmp_path_factory):
         subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
 
 
+HTTP_PORT = _free_port()  # Serve keeps the http/grpc options of its first deploy: one per module
+
+
+@pytest.fixture(scope="module")
+def port() -> int:
+    """One gRPC port for the module (see HTTP_PORT)."""
+    return _free_port()
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepseek-scale")
@@ -70,7 +79,7 @@ def model_dir(tmp_path_factory):
 def _config(model: Path, port: int, decode_replicas: int) -> dict:
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": "127.0.0.1", "port": _free_port()},
+        "http_options": {"host": "127.0.0.1", "port": HTTP_PORT},
         "grpc_options": {"port": port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
         "applications": [
             {
@@ -147,8 +156,7 @@ class _Stream(threading.Thread):
             self.started.set()
 
 
-def test_decode_gangs_scale_up_and_down_under_load(ray_cluster, model_dir, tmp_path):
-    port = _free_port()
+def test_decode_gangs_scale_up_and_down_under_load(ray_cluster, model_dir, port, tmp_path):
     _serve_deploy(ray_cluster, _config(model_dir, port, 2), tmp_path)
     wait_running(300)
     target = f"localhost:{port}"
@@ -187,10 +195,9 @@ def test_decode_gangs_scale_up_and_down_under_load(ray_cluster, model_dir, tmp_p
     assert serve.status().applications[APP_NAME].status == "RUNNING"
 
 
-def test_decode_autoscales_in_whole_gangs_on_kv_usage(ray_cluster, model_dir, tmp_path):
+def test_decode_autoscales_in_whole_gangs_on_kv_usage(ray_cluster, model_dir, port, tmp_path):
     """`decode.autoscaling`: two streams whose KV use is far above target_kv_usage make Serve
     add a second decode gang on its own (record_autoscaling_stats -> the stage policy)."""
-    port = _free_port()
     config = _config(model_dir, port, 2)
     app = config["applications"][0]
     del app["deployments"]  # replica counts come from the policy now

@@ -12,6 +12,8 @@ import functools
 import json
 import posixpath
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -493,3 +495,32 @@ def test_dashboard_metrics_are_defined_in_the_code() -> None:
         for name in re.findall(r"""["'](moe_\w+)["']""", path.read_text())
     }
     assert defined >= SERIES | HISTOGRAMS, (SERIES | HISTOGRAMS) - defined
+
+
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed"
+)
+@pytest.mark.parametrize(
+    ("folder", "want"),
+    [
+        ("", {"Service/moe-cluster-grpc", "Service/moe-cluster-metrics", "RayService/moe-cluster"}),
+        (
+            "gpu",
+            {
+                "Service/moe-cluster-grpc",
+                "Service/moe-cluster-metrics",
+                "RayService/moe-cluster",
+                "PersistentVolumeClaim/moe-weights",
+                "Job/moe-weights-download",
+            },
+        ),
+    ],
+)
+def test_kustomize_builds(folder: str, want: set[str]) -> None:
+    """`kubectl apply -k` input: kustomize (built into kubectl) renders exactly these objects."""
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(K8S / folder)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert {f"{d['kind']}/{d['metadata']['name']}" for d in docs} == want
