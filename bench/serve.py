@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from cluster.config import ClusterConfig
 from cluster.launch import deploy, undeploy
+from cluster.net import free_port
 from cluster.tiny import make_tiny
 from router.client import InferenceClient
 from workers.engine import SamplingParams
@@ -40,12 +40,6 @@ def checkpoint(arch: str, preset: str) -> Path:
     if not (out / "config.json").exists():
         make_tiny(arch, out, seed=0, preset=preset)
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -169,7 +163,7 @@ def main() -> None:
         c: torch.randint(3, vocab, (c, args.prompt_len), generator=g).tolist() for c in levels
     }
 
-    port = _free_port()
+    port = free_port()
     cfg = ClusterConfig.from_args(
         {
             "model": {"path": str(path)},
@@ -181,7 +175,7 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False)
     served: dict[int, dict[str, float]] = {}
     try:
-        deploy(cfg, http_port=_free_port(), timeout_s=900)
+        deploy(cfg, http_port=free_port(), timeout_s=900)
         target = f"localhost:{port}"
         run_streams(target, workloads[levels[0]][:1], 4)  # warm-up
         for c in levels:

@@ -14,9 +14,9 @@ The wrappers here stay thin: the ranks are `workers.ranks`, the API is `router.s
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -85,21 +85,15 @@ class _RankServer:
         stage_cfg: PrefillConfig | DecodeConfig = getattr(cfg, self.stage)
         ctx = serve.get_replica_context()
         gang = ctx.gang_context
+        replica_id = ctx.replica_id.unique_id
+        # no gang context (gang scheduling off): a one-rank gang of its own
         gang_id, rank, world = (
-            (gang.gang_id, gang.rank, gang.world_size) if gang else ("solo", 0, 1)
+            (gang.gang_id, gang.rank, gang.world_size) if gang else (replica_id, 0, 1)
         )
+        gang_id = f"{self.stage}-{gang_id}"
         self._registry = registry(ctx.app_name or APP_NAME)
-        member = GangMember(
-            gang_id=f"{self.stage}-{gang_id}"
-            if gang
-            else f"{self.stage}-{ctx.replica_id.unique_id}",
-            rank=rank,
-            world_size=world,
-            replica_id=ctx.replica_id.unique_id,
-            init_method="",
-        )
-        init = gang_init_method(self._registry, member.gang_id, rank)
-        member = dataclasses.replace(member, init_method=init)
+        init = gang_init_method(self._registry, gang_id, rank)
+        member = GangMember(gang_id, rank, world, replica_id, init)
         on_gpu = stage_cfg.num_gpus_per_rank > 0
         self.rank = _RANK_CLASSES[self.stage](
             cfg.model.path,
@@ -125,20 +119,22 @@ class _RankServer:
                 log.warning("status report failed: %r", e)
                 return
 
+    # Serve polls these often: they read the engine counters of the last step (cheap), not the
+    # full status (expert load, tokens/s), which only the reporter thread builds.
     def record_routing_stats(self) -> dict[str, Any]:
-        s = self.rank.status()
+        s = self.rank.loop.stats()
         return {
-            "queued_prompt_tokens": s.queued_prompt_tokens,
+            "queued_prompt_tokens": s.num_queued_prompt_tokens,
             "kv_blocks_used": s.kv_blocks_used,
             "kv_blocks_total": s.kv_blocks_total,
-            "running_requests": s.running_requests,
-            "time_s": s.time_s,
+            "running_requests": s.num_requests,
+            "time_s": time.time(),
         }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """The stage autoscaling signals (cluster/autoscale.py) of this rank."""
-        s = self.rank.status()
-        return {"queued_prompt_tokens": float(s.queued_prompt_tokens), "kv_usage": s.kv_usage}
+        s = self.rank.loop.stats()
+        return {"queued_prompt_tokens": float(s.num_queued_prompt_tokens), "kv_usage": s.kv_usage}
 
     def check_health(self) -> None:
         self.rank.check_health()

@@ -8,24 +8,18 @@ Ray when none is running, and always tears the actors (and the Ray it started) d
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cluster.net import free_port
 from workers.engine import InvalidRequestError, RequestOutput
 from workers.engine.build import load_tokenizer
 from workers.engine.inputs import PromptLimits, encode_prompt
 from workers.loader import load_config
 
 __all__ = ["ExpertParallelGroup", "GroupError", "run_offline_ep"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _validate(model_dir: Path, specs: Sequence) -> None:
@@ -80,7 +74,7 @@ class ExpertParallelGroup:
             ray.init(num_cpus=max(2, ep), include_dashboard=False, log_to_driver=False)
         gpus = 1 if device.startswith("cuda") else 0
         rank_cls: Any = ray.remote(num_cpus=0, num_gpus=gpus)(ExpertParallelRank)  # no CPU slot
-        init = f"tcp://127.0.0.1:{_free_port()}"
+        init = f"tcp://127.0.0.1:{free_port()}"
         self.ranks = [
             rank_cls.remote(
                 str(model_dir),

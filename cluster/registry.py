@@ -11,11 +11,11 @@ fixtures remove it with the application (`drop_registry`).
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 
 import ray
 
+from cluster.net import free_port
 from workers.messages import RankStatus
 
 __all__ = [
@@ -72,18 +72,12 @@ def drop_registry(app_name: str) -> None:
         ray.kill(ray.get_actor(f"registry-{app_name}", namespace=NAMESPACE))
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def gang_init_method(reg, gang_id: str, rank: int, timeout_s: float = 120.0) -> str:
     """torch.distributed init method for a gang: rank 0 picks a port on its node and publishes
     it; the other ranks wait for it, raising TimeoutError after `timeout_s`."""
     if rank == 0:
         host = ray.util.get_node_ip_address()
-        address = f"tcp://{host}:{_free_port(host)}"
+        address = f"tcp://{host}:{free_port(host)}"
         ray.get(reg.publish_address.remote(gang_id, address), timeout=timeout_s)
         return address
     deadline = time.monotonic() + timeout_s

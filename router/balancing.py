@@ -101,22 +101,44 @@ class _StageRouter(RequestRouter):
                 count[replica] += 1
         return weight, count
 
-    def _job(self, pending: PendingRequest | None) -> Any:
-        return pending.args[0] if pending is not None and pending.args else None
-
-    def _remember(self, pending: PendingRequest | None, replica: str, weight: int) -> None:
-        if pending is not None:
-            rid = pending.metadata.internal_request_id
-            self._inflight[rid] = (replica, weight, time.time())
-
     def on_request_completed(self, replica_id, internal_request_id: str) -> None:
         self._inflight.pop(internal_request_id, None)
 
-    def _ordered(
-        self, candidates: list[RunningReplica], order: list[str]
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
-        by_id = {r.replica_id.unique_id: r for r in candidates}
+        job = pending_request.args[0] if pending_request and pending_request.args else None
+        weight, count = self._own(candidate_replicas)
+        loads = [
+            self._load(r.replica_id.unique_id, r.routing_stats or {}, weight, count)
+            for r in candidate_replicas
+        ]
+        order = self._order(loads, job)
+        if job is not None and pending_request is not None and order:
+            rid = pending_request.metadata.internal_request_id
+            self._inflight[rid] = (order[0], self._weight(job), time.time())
+            self._routed(job, order[0])
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         return [[by_id[key]] for key in order]
+
+    # --- the stage's policy ----------------------------------------------------------------
+    def _load(
+        self, key: str, stats: dict[str, Any], weight: dict[str, int], count: dict[str, int]
+    ) -> RankLoad:
+        """One replica's load: its last report plus this router's `weight`/`count` there."""
+        raise NotImplementedError
+
+    def _order(self, loads: list[RankLoad], job: Any) -> list[str]:
+        raise NotImplementedError
+
+    def _weight(self, job: Any) -> int:
+        """What `job` adds to its replica's load until it completes."""
+        raise NotImplementedError
+
+    def _routed(self, job: Any, replica: str) -> None:
+        """Called once `job` is charged to `replica`."""
 
 
 class PrefillRequestRouter(_StageRouter):
@@ -124,51 +146,36 @@ class PrefillRequestRouter(_StageRouter):
         super().initialize_state(**kwargs)
         self._affinity: collections.OrderedDict[tuple[int, ...], str] = collections.OrderedDict()
 
-    async def choose_replicas(
-        self,
-        candidate_replicas: list[RunningReplica],
-        pending_request: PendingRequest | None = None,
-    ) -> list[list[RunningReplica]]:
-        job = self._job(pending_request)
-        own, _ = self._own(candidate_replicas)
-        loads = []
-        for r in candidate_replicas:
-            key = r.replica_id.unique_id
-            reported = int((r.routing_stats or {}).get("queued_prompt_tokens", 0))
-            loads.append(RankLoad(key, queued_prompt_tokens=reported + own[key]))
+    def _load(self, key, stats, weight, count) -> RankLoad:
+        queued = int(stats.get("queued_prompt_tokens", 0)) + weight[key]
+        return RankLoad(key, queued_prompt_tokens=queued)
+
+    def _order(self, loads: list[RankLoad], job: Any) -> list[str]:
         prefix = prefix_key(job.prompt_token_ids) if job is not None else ()
-        order = rank_prefill(loads, self._affinity.get(prefix))
-        if job is not None and order:
-            self._remember(pending_request, order[0], len(job.prompt_token_ids))
-            self._affinity[prefix] = order[0]
-            self._affinity.move_to_end(prefix)
-            if len(self._affinity) > _AFFINITY_ENTRIES:
-                self._affinity.popitem(last=False)
-        return self._ordered(candidate_replicas, order)
+        return rank_prefill(loads, self._affinity.get(prefix))
+
+    def _weight(self, job: Any) -> int:
+        return len(job.prompt_token_ids)
+
+    def _routed(self, job: Any, replica: str) -> None:
+        prefix = prefix_key(job.prompt_token_ids)
+        self._affinity[prefix] = replica
+        self._affinity.move_to_end(prefix)
+        if len(self._affinity) > _AFFINITY_ENTRIES:
+            self._affinity.popitem(last=False)
 
 
 class DecodeRequestRouter(_StageRouter):
-    async def choose_replicas(
-        self,
-        candidate_replicas: list[RunningReplica],
-        pending_request: PendingRequest | None = None,
-    ) -> list[list[RunningReplica]]:
-        job = self._job(pending_request)
-        own_blocks, own_count = self._own(candidate_replicas)
-        loads = []
-        for r in candidate_replicas:
-            key = r.replica_id.unique_id
-            stats = r.routing_stats or {}
-            loads.append(
-                RankLoad(
-                    key,
-                    kv_blocks_used=int(stats.get("kv_blocks_used", 0)) + own_blocks[key],
-                    kv_blocks_total=int(stats.get("kv_blocks_total", 1)),
-                    running_requests=int(stats.get("running_requests", 0)) + own_count[key],
-                )
-            )
-        order = rank_decode(loads)
-        if job is not None and order:
-            blocks = math.ceil((job.num_prompt_tokens + 1) / self.block_size)
-            self._remember(pending_request, order[0], blocks)
-        return self._ordered(candidate_replicas, order)
+    def _load(self, key, stats, weight, count) -> RankLoad:
+        return RankLoad(
+            key,
+            kv_blocks_used=int(stats.get("kv_blocks_used", 0)) + weight[key],
+            kv_blocks_total=int(stats.get("kv_blocks_total", 1)),
+            running_requests=int(stats.get("running_requests", 0)) + count[key],
+        )
+
+    def _order(self, loads: list[RankLoad], job: Any) -> list[str]:
+        return rank_decode(loads)
+
+    def _weight(self, job: Any) -> int:
+        return math.ceil((job.num_prompt_tokens + 1) / self.block_size)

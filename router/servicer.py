@@ -14,14 +14,15 @@ abort the request and free its KV on the rank.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import grpc
+from ray.serve.exceptions import BackPressureError
 
 from router.proto import inference_pb2 as pb
 from router.requests import StopLimits, parse_generate
@@ -35,15 +36,15 @@ log = logging.getLogger("moe_cluster.router")
 STAGES = ("prefill", "decode")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RouterSettings:
     auth_tokens: tuple[str, ...] = ()  # empty: no authentication
     max_inflight: int = 1024  # Generate calls in progress before RESOURCE_EXHAUSTED
     request_timeout_s: float = 300.0
-    stop_limits: StopLimits = field(default_factory=StopLimits)
+    stop_limits: StopLimits = dataclasses.field(default_factory=StopLimits)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ModelDescription:
     architecture: str
     model_path: str
@@ -173,16 +174,7 @@ class InferenceServicer:
         self, request: pb.GetModelInfoRequest, grpc_context: Any = None
     ) -> pb.ModelInfo:
         self._authenticate(grpc_context)
-        m = self.model
-        return pb.ModelInfo(
-            architecture=m.architecture,
-            model_path=m.model_path,
-            vocab_size=m.vocab_size,
-            max_model_len=m.max_model_len,
-            num_experts=m.num_experts,
-            num_layers=m.num_layers,
-            dtype=m.dtype,
-        )
+        return pb.ModelInfo(**dataclasses.asdict(self.model))  # same field names as the proto
 
     async def GetClusterStatus(  # noqa: N802
         self, request: pb.GetClusterStatusRequest, grpc_context: Any = None
@@ -215,7 +207,7 @@ class InferenceServicer:
         cause = _cause(e)
         if isinstance(cause, InvalidRequestError):
             _fail(ctx, grpc.StatusCode.INVALID_ARGUMENT, str(cause))
-        if isinstance(cause, QueueFullError) or type(cause).__name__ == "BackPressureError":
+        if isinstance(cause, QueueFullError | BackPressureError):
             _fail(ctx, grpc.StatusCode.RESOURCE_EXHAUSTED, f"the cluster is full ({cause}); retry")
         log.error("request %s failed on a rank: %r", rid, cause)
         _fail(

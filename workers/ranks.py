@@ -100,7 +100,7 @@ class StageRank:
             rank=self.member.rank,
             world_size=self.member.world_size,
             replica_id=self.member.replica_id,
-            running_requests=s.num_running + s.num_waiting,
+            running_requests=s.num_requests,
             queued_prompt_tokens=s.num_queued_prompt_tokens,
             kv_blocks_used=s.kv_blocks_used,
             kv_blocks_total=s.kv_blocks_total,

@@ -10,7 +10,6 @@ changes must finish with the offline engine's tokens.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from ray import serve
 
 from cluster.app import APP_NAME
 from cluster.launch import wait_running
+from cluster.net import free_port
 from cluster.tiny import make_tiny
 from router.client import InferenceClient
 from router.proto import SERVICER_FUNCTION
@@ -35,16 +35,10 @@ NEW_TOKENS = 3000
 pytestmark = pytest.mark.timeout(900)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """`ray start --head` in its own processes; this test process connects as a driver."""
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     # token auth off for this throwaway local cluster: `ray start` enables it by default, while a
     # driver connecting by address here does not send the token
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
@@ -61,13 +55,13 @@ def ray_cluster(tmp_path_factory):
         subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
 
 
-HTTP_PORT = _free_port()  # Serve keeps the http/grpc options of its first deploy: one per module
+HTTP_PORT = free_port()  # Serve keeps the http/grpc options of its first deploy: one per module
 
 
 @pytest.fixture(scope="module")
 def port() -> int:
     """One gRPC port for the module (see HTTP_PORT)."""
-    return _free_port()
+    return free_port()
 
 
 @pytest.fixture(scope="module")

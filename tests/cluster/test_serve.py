@@ -8,7 +8,6 @@ Waits on the cluster's state poll GetClusterStatus with a deadline: ranks report
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import ray
 from cluster.app import APP_NAME
 from cluster.config import ClusterConfig
 from cluster.launch import deploy, undeploy
+from cluster.net import free_port
 from cluster.offline import PromptSpec, run_offline
 from cluster.tiny import make_tiny
 from router.client import ClientError, InferenceClient
@@ -33,13 +33,7 @@ MAX_INFLIGHT = 8
 pytestmark = pytest.mark.timeout(600)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-METRICS_PORT = _free_port()
+METRICS_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +58,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(model_dir, ray_cluster):
-    port = _free_port()
+    port = free_port()
     cfg = ClusterConfig.from_args(
         {
             "model": {"path": str(model_dir)},
@@ -85,7 +79,7 @@ def cluster(model_dir, ray_cluster):
             "router": {"port": port, "auth_tokens": [TOKEN], "max_queued_requests": MAX_INFLIGHT},
         }
     )
-    deploy(cfg, http_port=_free_port(), timeout_s=300)
+    deploy(cfg, http_port=free_port(), timeout_s=300)
     yield f"localhost:{port}"
     undeploy()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.net import free_port
 from cluster.offline import PromptSpec, run_offline
 from workers.engine import SamplingParams
 from workers.engine.build import build_engine
@@ -28,12 +28,6 @@ pytestmark = pytest.mark.timeout(600)
 def ray_cluster():
     """No Ray in the test process: `moe-cluster serve` starts its own embedded one."""
     yield
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -88,8 +82,8 @@ class _Server:
 
 def test_serve_grpcurl_generate_and_sigterm(tiny_checkpoint):
     model = tiny_checkpoint("qwen3_moe")
-    port = _free_port()
-    server = _Server(["--model", str(model), "--port", str(port), "--http-port", str(_free_port())])
+    port = free_port()
+    server = _Server(["--model", str(model), "--port", str(port), "--http-port", str(free_port())])
     try:
         ready = server.wait_for("ready on", 300)
         assert f":{port}" in ready

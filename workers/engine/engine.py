@@ -61,6 +61,15 @@ class EngineStats:
     num_preemptions: int
     num_tokens_processed: int = 0  # prompt + generated tokens run through the model so far
 
+    @property
+    def num_requests(self) -> int:
+        """Requests the engine holds: running + waiting."""
+        return self.num_running + self.num_waiting
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / max(1, self.kv_blocks_total)
+
 
 @dataclass(eq=False)
 class _Tracked:
