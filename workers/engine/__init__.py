@@ -1,6 +1,6 @@
 """Per-rank engine: paged KV cache, continuous batching, sampling, detokenization."""
 
-from workers.engine.engine import Engine, EngineConfig, EngineStats, RequestOutput
+from workers.engine.engine import Engine, EngineConfig, EngineStats, RequestOutput, Resume
 from workers.engine.handoff import KVHandoff
 from workers.engine.params import InvalidRequestError, QueueFullError, SamplingParams
 from workers.engine.scheduler import SchedulerConfig
@@ -13,6 +13,7 @@ __all__ = [
     "KVHandoff",
     "QueueFullError",
     "RequestOutput",
+    "Resume",
     "SamplingParams",
     "SchedulerConfig",
 ]

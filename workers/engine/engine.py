@@ -7,6 +7,7 @@ applies stop rules and returns what changed. Not thread-safe: one thread drives 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from workers.engine.sequence import Sequence as Seq
 from workers.models.attention import AttentionMetadata
 from workers.models.base import CausalLM
 
-__all__ = ["Engine", "EngineConfig", "EngineStats", "RequestOutput"]
+__all__ = ["Engine", "EngineConfig", "EngineStats", "RequestOutput", "Resume"]
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,23 @@ class RequestOutput:
     new_token_ids: list[int]  # tokens added by this step
     new_text: str  # text released by this step (held back while it may start a stop string)
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" once finished; "handoff" below
+    # "stop" | "length" | "abort" | "error" once finished; "handoff" below
+    finish_reason: str | None
     logprobs: list[dict[int, float]] | None = None
     handoff: KVHandoff | None = None  # prefill_only requests: the prompt's KV for a decode rank
+    error: str | None = None  # finish_reason "error": one sentence on why this request failed
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A request that already produced output elsewhere (a prefill rank's first token, or the
+    tokens a failed rank streamed before it died): it continues after them, exactly as if it had
+    run here from the start. Every output token was streamed; of their text, the first
+    `num_emitted_chars` characters were (the rest was held back by a possible stop string)."""
+
+    output_token_ids: list[int]
+    num_emitted_chars: int
+    logprobs: list[dict[int, float]] | None = None  # of output_token_ids, when asked for
 
 
 @dataclass(frozen=True)
@@ -127,50 +142,63 @@ class Engine:
         prompt: str | None = None,
         prompt_token_ids: Sequence[int] | None = None,
         prefill_only: bool = False,
+        resume: Resume | None = None,
+        kv: Sequence[torch.Tensor] | None = None,
     ) -> None:
         """Validate and queue a request. Raises InvalidRequestError or QueueFullError.
         `prefill_only`: finish after the first token with finish_reason "handoff" and the
-        prompt's KV in `RequestOutput.handoff` (unless the first token already ends it)."""
+        prompt's KV in `RequestOutput.handoff` (unless the first token already ends it).
+        `resume`: continue after output already streamed elsewhere (not emitted again); its
+        tokens are recomputed here unless `kv` (per layer [P, *kv_token_shape], the prompt's
+        cache entries from a prefill rank) is given and the blocks are free now."""
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         ids = self.encode(prompt, prompt_token_ids)
         params.validate(self.vocab_size)
         seq = Seq(request_id, ids, params, arrival=next(self._arrivals))
-        if params.seed is not None:
-            seq.generator = torch.Generator().manual_seed(params.seed)
         detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer else None
-        self.scheduler.add(seq)
-        self._requests[request_id] = _Tracked(seq, detok, prefill_only=prefill_only)
+        tracked = _Tracked(seq, detok, prefill_only=prefill_only)
+        if resume is not None:
+            self._resume(tracked, resume)
+        if kv is not None and resume and self.blocks.can_allocate(seq, seq.num_tokens):
+            self.blocks.allocate(seq, seq.num_tokens)
+            slots = self._slots(seq, len(ids))
+            for cache, entries in zip(self.kv_cache, kv, strict=True):
+                cache.index_copy_(0, slots, entries.to(cache.device, cache.dtype))
+            seq.num_computed = len(ids)
+            self.scheduler.adopt_running(seq)
+        else:
+            self.scheduler.add(seq)
+        self._requests[request_id] = tracked
+
+    def _resume(self, tracked: _Tracked, resume: Resume) -> None:
+        seq = tracked.seq
+        if len(resume.output_token_ids) >= seq.params.max_tokens:
+            raise InvalidRequestError(
+                "resume", "the request already has max_tokens outputs; nothing is left to run"
+            )
+        for t in resume.output_token_ids:
+            if not 0 <= t < self.vocab_size:
+                raise InvalidRequestError("resume", f"token id {t} is outside the vocabulary")
+            seq.output_token_ids.append(t)
+            if tracked.detok is not None:
+                seq.text += tracked.detok.add(t)
+        seq.logprobs = list(resume.logprobs or [])
+        tracked.emitted_tokens = len(seq.output_token_ids)
+        tracked.emitted_chars = min(resume.num_emitted_chars, len(seq.text))
 
     def add_prefilled(self, handoff: KVHandoff) -> None:
         """Continue a request a prefill rank started: its prompt's KV goes into this rank's
         blocks and decoding resumes after the first token (not emitted again). When the blocks
         are not free now, the request waits and recomputes its prompt here instead."""
-        rid = handoff.request_id
-        if rid in self._requests:
-            raise InvalidRequestError("request_id", f"{rid!r} is already running")
-        ids = self.encode(None, handoff.prompt_token_ids)
-        handoff.params.validate(self.vocab_size)
-        seq = Seq(rid, ids, handoff.params, arrival=next(self._arrivals))
-        seq.output_token_ids.append(handoff.first_token)
-        seq.logprobs = list(handoff.logprobs or [])
-        if handoff.generator_state is not None:
-            seq.generator = torch.Generator()
-            seq.generator.set_state(handoff.generator_state)
-        detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer else None
-        if detok is not None:
-            seq.text = detok.add(handoff.first_token)
-        tracked = _Tracked(seq, detok, emitted_chars=len(seq.text), emitted_tokens=1)
-        if self.blocks.can_allocate(seq, seq.num_tokens):
-            self.blocks.allocate(seq, seq.num_tokens)
-            slots = self._slots(seq, len(ids))
-            for cache, kv in zip(self.kv_cache, handoff.kv, strict=True):
-                cache.index_copy_(0, slots, kv.to(cache.device, cache.dtype))
-            seq.num_computed = len(ids)
-            self.scheduler.adopt_running(seq)
-        else:
-            self.scheduler.add(seq)
-        self._requests[rid] = tracked
+        resume = Resume([handoff.first_token], handoff.num_emitted_chars, handoff.logprobs)
+        self.add_request(
+            handoff.request_id,
+            handoff.params,
+            prompt_token_ids=handoff.prompt_token_ids,
+            resume=resume,
+            kv=handoff.kv,
+        )
 
     def _slots(self, seq: Seq, n: int) -> torch.Tensor:
         """Cache slots of `seq`'s first n tokens: [n] int64."""
@@ -186,9 +214,9 @@ class Engine:
             request_id=seq.request_id,
             prompt_token_ids=list(seq.prompt_token_ids),
             first_token=seq.output_token_ids[0],
+            num_emitted_chars=0,  # set by _append once this step's text is released
             params=seq.params,
             kv=[cache[slots].cpu().contiguous() for cache in self.kv_cache],
-            generator_state=None if seq.generator is None else seq.generator.get_state(),
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
         )
 
@@ -253,10 +281,40 @@ class Engine:
             return []
         logits = self.model.compute_logits(hidden[meta.last_token_index[rows]])  # [N, V]
         seqs = [batch[i].seq for i in rows]
-        tokens, logprobs = sample(
-            logits, [s.params for s in seqs], [s.generator for s in seqs], self._generator
+        sampled = sample(
+            logits,
+            [s.params for s in seqs],
+            [len(s.output_token_ids) for s in seqs],
+            self._generator,
         )
-        return [self._append(s, t, lp) for s, t, lp in zip(seqs, tokens, logprobs, strict=True)]
+        outputs = []
+        for i, seq in enumerate(seqs):
+            error = sampled.errors.get(i)
+            if error is None:
+                try:  # stop rules, detokenization, export: a failure ends this request only
+                    outputs.append(self._append(seq, sampled.tokens[i], sampled.logprobs[i]))
+                    continue
+                except Exception as e:
+                    error = f"{type(e).__name__} while finishing a step: {e}"
+            outputs.append(self._fail(seq, error))
+        return outputs
+
+    def _fail(self, seq: Seq, error: str) -> RequestOutput:
+        """End one request with finish_reason "error"; the rest of the batch goes on."""
+        if not seq.finished:
+            self.scheduler.finish(seq, "error")
+        self._requests.pop(seq.request_id, None)
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids),
+            text=seq.text,
+            new_token_ids=[],
+            new_text="",
+            finished=True,
+            finish_reason="error",
+            error=error,
+        )
 
     def _open_load_step(self) -> None:
         """One expert-load step per forward, opened before it: after a forward the model's
@@ -284,13 +342,17 @@ class Engine:
         handoff = None
         if reason is None and tracked.prefill_only:
             handoff, reason = self._export(seq), "handoff"
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
-            del self._requests[seq.request_id]
-        hold = 0 if reason or not p.stop else max(len(s) for s in p.stop) - 1
+        # text that may still start a stop string is held back, also across a handoff
+        done = reason is not None and reason != "handoff"
+        hold = 0 if done or not p.stop else max(len(s) for s in p.stop) - 1
         visible = len(seq.text) - hold
         new_text = seq.text[tracked.emitted_chars : max(visible, tracked.emitted_chars)]
         tracked.emitted_chars += len(new_text)
+        if handoff is not None:
+            handoff = dataclasses.replace(handoff, num_emitted_chars=tracked.emitted_chars)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self._requests[seq.request_id]
         new_ids = seq.output_token_ids[tracked.emitted_tokens :]
         tracked.emitted_tokens = len(seq.output_token_ids)
         return RequestOutput(

@@ -22,9 +22,10 @@ class KVHandoff:
     request_id: str
     prompt_token_ids: list[int]  # P tokens whose KV is in `kv`
     first_token: int  # sampled by the prefill rank (already streamed to the client)
-    params: SamplingParams  # the request's sampling parameters, unchanged
+    num_emitted_chars: int  # characters of the first token's text released with it
+    params: SamplingParams  # the request's sampling parameters, unchanged (seeds are
+    #                         counter-based, so a seeded stream needs no generator state)
     kv: list[torch.Tensor]  # per layer [P, *kv_token_shape], CPU, contiguous
-    generator_state: torch.Tensor | None  # seeded requests continue the same random stream
     logprobs: list[dict[int, float]] | None  # the first token's logprobs, if asked for
 
     @property

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["InvalidRequestError", "QueueFullError", "SamplingParams"]
+__all__ = ["GREEDY_BELOW", "InvalidRequestError", "QueueFullError", "SamplingParams"]
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+# The rule for numerically degenerate temperatures: below this, dividing the logits by the
+# temperature overflows float32 into inf/NaN probabilities, and the distribution is a point mass
+# on the argmax anyway, so the request is sampled greedily (vLLM's _SAMPLING_EPS is the same).
+GREEDY_BELOW = 1e-5
+MAX_TEMPERATURE = 100.0  # flatter than this is uniform noise in float32; finite is required
+SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, as in the gRPC API
 
 
 class InvalidRequestError(ValueError):
@@ -40,16 +46,23 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Argmax sampling: temperature 0, or below GREEDY_BELOW (numerically a point mass)."""
+        return self.temperature < GREEDY_BELOW
 
     def validate(self, vocab_size: int | None = None) -> None:
         if self.max_tokens <= 0:
             raise InvalidRequestError(
                 "max_tokens", f"must be a positive integer, got {self.max_tokens}"
             )
-        if not self.temperature >= 0:  # also rejects NaN
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # also rejects NaN and inf
             raise InvalidRequestError(
-                "temperature", f"must be >= 0 (0 means greedy), got {self.temperature}"
+                "temperature",
+                f"must be a finite number in [0, {MAX_TEMPERATURE:g}] (0 means greedy; values "
+                f"below {GREEDY_BELOW:g} are treated as greedy), got {self.temperature}",
+            )
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise InvalidRequestError(
+                "seed", f"must fit in a signed 64-bit integer, got {self.seed}"
             )
         if not 0 < self.top_p <= 1:
             raise InvalidRequestError(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
 from workers.engine.params import SamplingParams
 
 __all__ = ["Sequence", "SequenceStatus"]
@@ -28,9 +26,8 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV is in the cache
     block_table: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     num_preemptions: int = 0
-    generator: torch.Generator | None = None  # per-request RNG when a seed is given
     text: str = ""  # detokenized output so far (stop strings cut off)
     logprobs: list[dict[int, float]] = field(default_factory=list)
 
