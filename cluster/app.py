@@ -5,10 +5,11 @@ Three deployments:
 - `PrefillRank` and `DecodeRank`: one replica per rank, gang-scheduled (gang size = the
   expert-parallel size, PACK or SPREAD); a gang is one torch.distributed group whose ranks meet
   through the application's `GangRegistry`. Scaling is in whole gangs.
-- `Router`: the gRPC ingress behind Serve's gRPC proxy (`InferenceServicer`), with handles to
-  both stages; each stage's own request router balances its ranks.
+- `Router`: the gRPC ingress behind Serve's gRPC proxy (`InferenceServicer`). It reaches the
+  ranks over one channel per rank (`router/channels.py`), not through Serve handles: it learns
+  where they listen from the registry, balances each stage itself and migrates requests.
 
-The wrappers here stay thin: the ranks are `workers.ranks`, the API is `router.servicer`.
+The wrappers here stay thin: a rank is `workers.rank`, the API is `router.servicer`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
@@ -26,6 +26,7 @@ from ray import serve
 from cluster.config import ClusterConfig, DecodeConfig, PrefillAutoscaling, PrefillConfig
 from cluster.metrics import RankMetrics
 from cluster.registry import REPORT_PERIOD_S, gang_init_method, registry
+from router.channels import RankDirectory
 from router.metrics import RouterMetrics
 from router.requests import StopLimits
 from router.servicer import InferenceServicer, ModelDescription, RouterSettings
@@ -34,18 +35,16 @@ from workers.engine.build import load_tokenizer
 from workers.engine.inputs import PromptLimits
 from workers.ep_rank import num_routed_experts
 from workers.loader import load_config
-from workers.messages import Chunk, DecodeJob, PrefillJob, PrefillResult
-from workers.ranks import DecodeRank, GangMember, PrefillRank, StageRank
+from workers.messages import RankAddress
+from workers.rank import GangMember, start_rank
 
 __all__ = ["APP_NAME", "build_app", "engine_config"]
 
 log = logging.getLogger("moe_cluster")
 APP_NAME = "moe-cluster"
-ROUTING_STATS_PERIOD_S = 0.2
-# A rank being scaled away finishes its in-flight requests first: Serve waits for them up to
-# graceful_shutdown_timeout_s = the longest a request may run + this margin, then force-kills.
+# A rank being scaled away drains first: Serve waits for its destructor up to
+# graceful_shutdown_timeout_s = router.drain_grace_s + this margin, then force-kills.
 GRACEFUL_MARGIN_S = 30.0
-_RANK_CLASSES: dict[str, type[StageRank]] = {"prefill": PrefillRank, "decode": DecodeRank}
 
 
 def engine_config(cfg: ClusterConfig, stage: str) -> EngineConfig:
@@ -76,7 +75,7 @@ def engine_config(cfg: ClusterConfig, stage: str) -> EngineConfig:
 
 
 class _RankServer:
-    """One rank as a Serve replica: joins its gang, runs the rank, reports its status."""
+    """One rank as a Serve replica: joins its gang, serves channels, publishes its address."""
 
     stage = ""
 
@@ -90,88 +89,75 @@ class _RankServer:
         gang_id, rank, world = (
             (gang.gang_id, gang.rank, gang.world_size) if gang else (replica_id, 0, 1)
         )
-        gang_id = f"{self.stage}-{gang_id}"
-        self._registry = registry(ctx.app_name or APP_NAME)
-        init = gang_init_method(self._registry, gang_id, rank)
-        member = GangMember(gang_id, rank, world, replica_id, init)
+        self._app = ctx.app_name or APP_NAME
+        member = GangMember(self.stage, f"{self.stage}-{gang_id}", rank, world, replica_id)
         on_gpu = stage_cfg.num_gpus_per_rank > 0
-        self.rank = _RANK_CLASSES[self.stage](
+        self.serving = start_rank(
             cfg.model.path,
             member,
+            host=ray.util.get_node_ip_address(),
+            init_method=gang_init_method(self._app, member.gang_id, rank),
             dtype=cfg.model.dtype,
             engine_config=engine_config(cfg, self.stage),
             threads=stage_cfg.torch_threads or max(1, int(stage_cfg.num_cpus_per_rank)),
             device="cuda" if on_gpu else "cpu",
+            collective_timeout_s=stage_cfg.collective_timeout_s,
         )
         self._metrics = RankMetrics()
-        self._leave_timeout_s = cfg.router.request_timeout_s
+        self._grace_s = cfg.router.drain_grace_s
         self._stop = threading.Event()
-        self._reporter = threading.Thread(target=self._report, name="status-report", daemon=True)
+        self._reporter = threading.Thread(target=self._report, name="rank-report", daemon=True)
         self._reporter.start()
 
     def _report(self) -> None:
+        """Publish where this rank listens (the registry may restart: re-found by name) and
+        update the metrics, every REPORT_PERIOD_S."""
         while not self._stop.wait(REPORT_PERIOD_S):
             try:
-                status = self.rank.status()
-                self._metrics.update(status)
-                self._registry.report.remote(status)
-            except Exception as e:  # the registry is gone (app shutting down): stop reporting
-                log.warning("status report failed: %r", e)
-                return
-
-    # Serve polls these often: they read the engine counters of the last step (cheap), not the
-    # full status (expert load, tokens/s), which only the reporter thread builds.
-    def record_routing_stats(self) -> dict[str, Any]:
-        s = self.rank.loop.stats()
-        return {
-            "queued_prompt_tokens": s.num_queued_prompt_tokens,
-            "kv_blocks_used": s.kv_blocks_used,
-            "kv_blocks_total": s.kv_blocks_total,
-            "running_requests": s.num_requests,
-            "time_s": time.time(),
-        }
+                registry(self._app).publish_rank.remote(self.serving.address)
+                if (status := self.serving.rank.snapshot.status) is not None:
+                    self._metrics.update(status)
+            except Exception as e:  # keep trying: the registry comes back
+                log.warning("rank report failed: %r", e)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """The stage autoscaling signals (cluster/autoscale.py) of this rank."""
-        s = self.rank.loop.stats()
-        return {"queued_prompt_tokens": float(s.num_queued_prompt_tokens), "kv_usage": s.kv_usage}
+        load = self.serving.rank.snapshot.load
+        return {"queued_prompt_tokens": float(load.queued_prompt_tokens), "kv_usage": load.kv_usage}
 
     def check_health(self) -> None:
-        self.rank.check_health()
+        self.serving.rank.check_health()
+
+    def drain(self) -> int:
+        """Stop admitting; the requests held finish within drain_grace_s, then migrate.
+        Returns the requests still held."""
+        self.serving.rank.drain(self._grace_s)
+        return self.serving.rank.num_held
 
     def __del__(self) -> None:
-        """Serve's graceful shutdown (scale-down, redeploy, app deleted) ends here once this
-        replica's own requests are done; the rank keeps stepping with its gang until every rank
-        of the gang is shutting down, so a peer's in-flight streams finish."""
+        """Serve's graceful shutdown (scale-down, redeploy, app deleted): drain (in-flight
+        requests finish within drain_grace_s, the rest migrate to other ranks), then leave the
+        gang together with its peers."""
         self._stop.set()
+        rank = self.serving.rank
         with contextlib.suppress(Exception):
-            self._registry.forget.remote(self.rank.member.replica_id, self.rank.member.gang_id)
+            registry(self._app).forget.remote(self.serving.address.replica_id)
+        rank.drain(self._grace_s)
+        deadline = time.monotonic() + self._grace_s + 5
+        while rank.num_held and time.monotonic() < deadline and rank.failed is None:
+            time.sleep(0.05)  # waiting for the loop thread's requests to end; bounded
         try:
-            self.rank.close(timeout_s=self._leave_timeout_s, graceful=True)
+            self.serving.close(timeout_s=self._grace_s + GRACEFUL_MARGIN_S, graceful=True)
         except TimeoutError:
-            log.warning("gang peers still serving after %s s; leaving", self._leave_timeout_s)
+            log.warning("gang peers still serving after the drain grace; leaving")
 
 
 class PrefillServer(_RankServer):
     stage = "prefill"
 
-    async def prefill(self, job: PrefillJob) -> PrefillResult:
-        rank = self.rank
-        assert isinstance(rank, PrefillRank)
-        first, handoff = await rank.prefill(job)
-        # the KV goes into this node's object store; the decode rank pulls it by reference
-        return PrefillResult(first, [ray.put(handoff)] if handoff is not None else [])
-
 
 class DecodeServer(_RankServer):
     stage = "decode"
-
-    async def decode(self, job: DecodeJob) -> AsyncIterator[Chunk]:
-        rank = self.rank
-        assert isinstance(rank, DecodeRank)
-        handoff = await job.handoff[0]
-        async for chunk in rank.decode(handoff):
-            yield chunk
 
 
 class RouterServer(InferenceServicer):
@@ -179,15 +165,30 @@ class RouterServer(InferenceServicer):
         cfg = ClusterConfig.from_args(args)
         model_cfg = load_config(cfg.model.path)
         max_len = cfg.model.max_model_len or int(model_cfg.max_position_embeddings)
-        reg = registry(serve.get_replica_context().app_name or APP_NAME)
-
-        async def cluster_status() -> list:
-            return await reg.snapshot.remote()
-
+        ctx = serve.get_replica_context()
+        app = ctx.app_name or APP_NAME
+        peer_id = f"router-{ctx.replica_id.unique_id}"
         r = cfg.router
+        directories: list[RankDirectory] = []
+
+        async def list_ranks() -> list[RankAddress]:
+            return await registry(app).ranks.remote()
+
+        def directory() -> RankDirectory:  # made on the event loop that serves the requests
+            if not directories:
+                directories.append(
+                    RankDirectory(
+                        list_ranks,
+                        peer_id,
+                        block_size=cfg.decode.block_size,
+                        rank_timeout_s=r.rank_timeout_s,
+                        refresh_s=REPORT_PERIOD_S,
+                    ).start()
+                )
+            return directories[0]
+
         super().__init__(
-            prefill,
-            decode,
+            directory,
             tokenizer=load_tokenizer(cfg.model.path),
             limits=PromptLimits(int(model_cfg.vocab_size), max_len, r.max_prompt_tokens),
             model=ModelDescription(
@@ -204,19 +205,16 @@ class RouterServer(InferenceServicer):
                 max_inflight=r.max_queued_requests,
                 request_timeout_s=r.request_timeout_s,
                 stop_limits=StopLimits(r.max_stop_strings, r.max_stop_string_chars),
+                max_migrations=r.max_migrations,
+                max_prompt_bytes=r.max_prompt_bytes,
+                drain_grace_s=r.drain_grace_s,
             ),
-            cluster_status=cluster_status,
             metrics=RouterMetrics(),
         )
 
 
-def _stage_options(cfg: ClusterConfig, stage: str, request_router: str) -> dict[str, Any]:
+def _stage_options(cfg: ClusterConfig, stage: str) -> dict[str, Any]:
     s: PrefillConfig | DecodeConfig = getattr(cfg, stage)
-    max_ongoing = (
-        cfg.router.max_queued_requests
-        if stage == "prefill"
-        else cfg.decode.max_running_requests + cfg.router.max_queued_requests
-    )
     options: dict[str, Any] = {
         "name": f"{stage.capitalize()}Rank",
         "ray_actor_options": {"num_cpus": s.num_cpus_per_rank, "num_gpus": s.num_gpus_per_rank},
@@ -224,14 +222,12 @@ def _stage_options(cfg: ClusterConfig, stage: str, request_router: str) -> dict[
             "gang_size": s.gang_size,
             "gang_placement_strategy": s.placement_strategy,
         },
-        "max_ongoing_requests": max_ongoing,
-        "request_router_config": {
-            "request_router_class": request_router,
-            "request_routing_stats_period_s": ROUTING_STATS_PERIOD_S,
-            "request_router_kwargs": {"block_size": cfg.decode.block_size},
-        },
-        "health_check_period_s": 5.0,
-        "graceful_shutdown_timeout_s": cfg.router.request_timeout_s + GRACEFUL_MARGIN_S,
+        "health_check_period_s": 2.0,
+        "health_check_timeout_s": 10.0,
+        # requests reach ranks over their channels, not through Serve: Serve's own wait for
+        # ongoing requests is skipped and the replica's destructor drains (see __del__)
+        "graceful_shutdown_wait_loop_s": 0.1,
+        "graceful_shutdown_timeout_s": cfg.router.drain_grace_s + GRACEFUL_MARGIN_S,
     }
     if s.autoscaling is None:
         options["num_replicas"] = s.num_replicas
@@ -262,12 +258,8 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> serve.Application:
     """The application for `serve.run` / `serve run cluster.app:build_app` / serveConfigV2."""
     cfg = ClusterConfig.from_args(args)
     plain = cfg.to_args()
-    prefill = serve.deployment(
-        **_stage_options(cfg, "prefill", "router.balancing:PrefillRequestRouter")
-    )(PrefillServer)
-    decode = serve.deployment(
-        **_stage_options(cfg, "decode", "router.balancing:DecodeRequestRouter")
-    )(DecodeServer)
+    prefill = serve.deployment(**_stage_options(cfg, "prefill"))(PrefillServer)
+    decode = serve.deployment(**_stage_options(cfg, "decode"))(DecodeServer)
     router = serve.deployment(
         name="Router",
         num_replicas=1,

@@ -115,6 +115,13 @@ class _Stage(_Schema):
         ge=1,
         description="intra-op threads per rank; None: int(num_cpus_per_rank), >= 1",
     )
+    collective_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="a gang collective that waits longer than this fails the gang (a stuck or "
+        "dead peer); Serve then replaces the gang and routers migrate its requests. Must exceed "
+        "the longest engine step",
+    )
     autoscaling: _Autoscaling | None = Field(default=None, description="None: fixed num_gangs")
 
     @property
@@ -174,6 +181,30 @@ class RouterConfig(_Schema):
     max_queued_requests: int = Field(default=1024, gt=0, description="queue bound, then rejects")
     max_prompt_tokens: int | None = Field(
         default=None, gt=0, description="longest prompt accepted; None: the model's context"
+    )
+    max_prompt_bytes: int = Field(
+        default=1 << 20,
+        gt=0,
+        description="UTF-8 bytes of a text prompt, checked before tokenizing (INVALID_ARGUMENT "
+        "beyond); the gRPC message limit is set above it",
+    )
+    max_migrations: int = Field(
+        default=3,
+        ge=0,
+        description="times one request may be moved to another rank after losing its rank; "
+        "then UNAVAILABLE",
+    )
+    rank_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a rank whose channel is silent this long (it heartbeats every 0.25 s) is "
+        "treated as dead and its requests migrate",
+    )
+    drain_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="on SIGTERM, scale-down or Drain: seconds in-flight requests may take to "
+        "finish before they are migrated to other ranks or ended with UNAVAILABLE",
     )
     max_stop_strings: int = Field(default=16, ge=0, description="stop strings per request")
     max_stop_string_chars: int = Field(default=256, gt=0, description="characters per stop string")

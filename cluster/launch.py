@@ -19,7 +19,12 @@ from cluster.config import ClusterConfig
 from cluster.registry import drop_registry
 from router.proto import SERVICER_FUNCTION
 
-__all__ = ["DeployError", "deploy", "undeploy", "wait_running"]
+__all__ = ["DeployError", "deploy", "grpc_message_limit", "undeploy", "wait_running"]
+
+
+def grpc_message_limit(cfg: ClusterConfig) -> int:
+    """Bytes one gRPC message may have at Serve's proxy (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE)."""
+    return 16 * cfg.router.max_prompt_bytes + (1 << 20)
 
 
 class DeployError(RuntimeError):

@@ -1,11 +1,13 @@
 """`GangRegistry`: one small named Ray actor per application that
 - lets a gang's ranks meet: rank 0 publishes `tcp://<node ip>:<port>` for torch.distributed
   under the gang id, the others wait for it (bounded);
-- holds every rank's latest `RankStatus` for GetClusterStatus (ranks report every
-  `REPORT_PERIOD_S`; a rank that stops reporting drops out after `STALE_AFTER_S`).
+- lists where every serving rank listens for channels (`RankAddress`): ranks re-publish every
+  `REPORT_PERIOD_S`, one silent for `STALE_AFTER_S` drops out, and routers poll the list.
 
-Detached so that it outlives whichever replica created it; `moe-cluster serve` and the test
-fixtures remove it with the application (`drop_registry`).
+It lives outside every gang's placement group (`scheduling_strategy="DEFAULT"`: an actor made
+from inside a gang replica would otherwise be captured by the gang's placement group and die with
+it) and holds only soft state: when it is restarted, ranks re-publish within REPORT_PERIOD_S and
+callers find the new one by name (`registry()` every time, never a cached handle).
 """
 
 from __future__ import annotations
@@ -16,26 +18,20 @@ import time
 import ray
 
 from cluster.net import free_port
-from workers.messages import RankStatus
+from workers.messages import RankAddress
 
-__all__ = [
-    "REPORT_PERIOD_S",
-    "gang_init_method",
-    "drop_registry",
-    "registry",
-]
+__all__ = ["REPORT_PERIOD_S", "drop_registry", "gang_init_method", "registry"]
 
 NAMESPACE = "moe-cluster"
 REPORT_PERIOD_S = 0.5
-STALE_AFTER_S = 10.0
+STALE_AFTER_S = 3.0
 
 
 @ray.remote(num_cpus=0)
 class GangRegistry:
     def __init__(self) -> None:
         self._addresses: dict[str, str] = {}
-        self._status: dict[str, RankStatus] = {}  # replica id -> latest report
-        self._seen: dict[str, float] = {}  # replica id -> monotonic time of that report
+        self._ranks: dict[str, tuple[RankAddress, float]] = {}  # replica id -> (where, seen)
 
     def publish_address(self, gang_id: str, address: str) -> None:
         self._addresses[gang_id] = address
@@ -43,27 +39,29 @@ class GangRegistry:
     def address(self, gang_id: str) -> str | None:
         return self._addresses.get(gang_id)
 
-    def report(self, status: RankStatus) -> None:
-        self._status[status.replica_id] = status
-        self._seen[status.replica_id] = time.monotonic()
+    def publish_rank(self, address: RankAddress) -> None:
+        self._ranks[address.replica_id] = (address, time.monotonic())
 
     def forget(self, replica_id: str, gang_id: str | None = None) -> None:
-        self._status.pop(replica_id, None)
-        self._seen.pop(replica_id, None)
+        self._ranks.pop(replica_id, None)
         if gang_id is not None:
             self._addresses.pop(gang_id, None)
 
-    def snapshot(self) -> list[RankStatus]:
+    def ranks(self) -> list[RankAddress]:
         now = time.monotonic()
-        for rid in [r for r, t in self._seen.items() if now - t > STALE_AFTER_S]:
-            self.forget(rid)
-        return list(self._status.values())
+        for rid in [r for r, (_, t) in self._ranks.items() if now - t > STALE_AFTER_S]:
+            del self._ranks[rid]
+        return [a for a, _ in self._ranks.values()]
 
 
 def registry(app_name: str):
-    """The application's registry actor, created by whoever asks first."""
+    """The application's registry actor, created by whoever asks first (also after it died)."""
     return GangRegistry.options(  # type: ignore[attr-defined]
-        name=f"registry-{app_name}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+        name=f"registry-{app_name}",
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        scheduling_strategy="DEFAULT",  # never inside the caller's gang placement group
     ).remote()
 
 
@@ -72,20 +70,21 @@ def drop_registry(app_name: str) -> None:
         ray.kill(ray.get_actor(f"registry-{app_name}", namespace=NAMESPACE))
 
 
-def gang_init_method(reg, gang_id: str, rank: int, timeout_s: float = 120.0) -> str:
+def gang_init_method(app_name: str, gang_id: str, rank: int, timeout_s: float = 120.0) -> str:
     """torch.distributed init method for a gang: rank 0 picks a port on its node and publishes
     it; the other ranks wait for it, raising TimeoutError after `timeout_s`."""
     if rank == 0:
         host = ray.util.get_node_ip_address()
         address = f"tcp://{host}:{free_port(host)}"
-        ray.get(reg.publish_address.remote(gang_id, address), timeout=timeout_s)
+        ray.get(registry(app_name).publish_address.remote(gang_id, address), timeout=timeout_s)
         return address
     deadline = time.monotonic() + timeout_s
     wait = 0.01
     while (left := deadline - time.monotonic()) > 0:
-        address = ray.get(reg.address.remote(gang_id), timeout=left)
-        if address is not None:
-            return address
+        with contextlib.suppress(ray.exceptions.RayActorError):  # registry restarting
+            address = ray.get(registry(app_name).address.remote(gang_id), timeout=left)
+            if address is not None:
+                return address
         time.sleep(min(wait, left))  # polling another process's state, not synchronizing tests
         wait = min(wait * 2, 0.5)
     raise TimeoutError(f"rank 0 of gang {gang_id} did not publish its address in {timeout_s} s")

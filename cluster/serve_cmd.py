@@ -68,12 +68,16 @@ def serve_command(args: argparse.Namespace) -> int:
 
     import ray
 
-    from cluster.launch import DeployError, deploy, undeploy
+    from cluster.launch import DeployError, deploy, grpc_message_limit, undeploy
 
     def stop(signum: int, frame: Any) -> None:
         raise _Stop(signal.Signals(signum).name)
 
     embedded = args.address is None
+    # Serve's gRPC proxy reads its message limit from the environment at start: on purpose,
+    # far above router.max_prompt_bytes (so a big prompt gets the router's INVALID_ARGUMENT
+    # naming `prompt`) and far below the 2 GiB default. KubeRay pods set it in their env.
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(grpc_message_limit(cfg)))
     ray.init(address=args.address, log_to_driver=False)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -87,7 +91,8 @@ def serve_command(args: argparse.Namespace) -> int:
         print("moe-cluster serve: serving until Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
         threading.Event().wait()  # until a signal raises _Stop
     except _Stop as e:
-        print(f"moe-cluster serve: {e}: shutting down", file=sys.stderr, flush=True)
+        print(f"moe-cluster serve: {e}: draining, then shutting down", file=sys.stderr, flush=True)
+        _drain(f"localhost:{cfg.router.port}", cfg.router.auth_tokens, cfg.router.drain_grace_s)
     except DeployError as e:
         print(f"moe-cluster serve: error: {e}", file=sys.stderr)
         code = 1
@@ -99,6 +104,29 @@ def serve_command(args: argparse.Namespace) -> int:
             ray.shutdown()
         print("moe-cluster serve: stopped", file=sys.stderr, flush=True)
     return code
+
+
+def _drain(target: str, tokens: list[str], grace_s: float) -> None:
+    """Stop admissions on every rank and wait (at most the grace + 2 s) for the streams in
+    flight to finish; the ranks migrate or end what is left when the grace runs out."""
+    import time
+
+    from router.client import ClientError, InferenceClient
+
+    deadline = time.monotonic() + grace_s + 2
+    try:
+        with InferenceClient(target, token=tokens[0] if tokens else None, timeout_s=10) as c:
+            held = c.drain().running_requests
+            print(f"moe-cluster serve: {held} requests in flight", file=sys.stderr, flush=True)
+            while time.monotonic() < deadline:
+                status = c.cluster_status()
+                if not any(
+                    r.running_requests for d in status.deployments for g in d.gangs for r in g.ranks
+                ):
+                    return
+                time.sleep(0.2)  # polling the cluster's state; bounded by the grace
+    except ClientError as e:  # the router is gone already: nothing left to drain through it
+        print(f"moe-cluster serve: drain skipped ({e.details})", file=sys.stderr, flush=True)
 
 
 def _demo(target: str, prompt: str, tokens: list[str]) -> None:

@@ -203,6 +203,10 @@ class InferenceClient(_Client):
     def cluster_status(self) -> pb.ClusterStatus:
         return self._unary(self._stub.GetClusterStatus, pb.GetClusterStatusRequest())
 
+    def drain(self, replica_ids: Iterable[str] = ()) -> pb.DrainResponse:
+        """Drain the listed ranks, or the whole cluster when none are listed."""
+        return self._unary(self._stub.Drain, pb.DrainRequest(replica_ids=list(replica_ids)))
+
 
 class AsyncInferenceClient(_Client):
     """asyncio client over one `grpc.aio.insecure_channel`; `async with` closes it."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from workers.engine.inputs import PromptLimits, encode_prompt
 from workers.engine.params import InvalidRequestError, SamplingParams
 
-__all__ = ["ParsedGenerate", "StopLimits", "parse_generate"]
+__all__ = ["ParsedGenerate", "StopLimits", "check_sizes", "parse_generate", "utf8_size"]
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -64,6 +64,32 @@ def _check_stop(stop, caps: StopLimits) -> None:
                 f"sampling.stop[{i}]",
                 f"has {len(s)} characters; each stop string needs 1..{caps.max_chars}",
             )
+
+
+def utf8_size(text: str, limit: int) -> int:
+    """UTF-8 bytes of `text`, or a lower bound above `limit` without encoding it all."""
+    if len(text) > limit:  # at least one byte per character
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_sizes(req, limits: PromptLimits, max_prompt_bytes: int) -> None:
+    """The cheap checks that run before any work (tokenizing, queueing): how big the prompt is.
+    A too-large request can never stall other streams."""
+    size = utf8_size(req.prompt, max_prompt_bytes)
+    if size > max_prompt_bytes:
+        raise InvalidRequestError(
+            "prompt",
+            f"{size} bytes, at most {max_prompt_bytes} are accepted (router.max_prompt_bytes); "
+            "send a shorter prompt",
+        )
+    n = len(req.prompt_token_ids)
+    if n >= limits.max_model_len:
+        raise InvalidRequestError(
+            "prompt_token_ids",
+            f"{n} tokens leave no room to generate within the context length "
+            f"{limits.max_model_len}; shorten the prompt",
+        )
 
 
 def parse_generate(

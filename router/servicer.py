@@ -1,34 +1,36 @@
 """`InferenceServicer`: the `moe.v1.Inference` methods as Ray Serve's gRPC proxy calls them.
 
-Generate: authenticate -> validate and tokenize -> a prefill rank (the prefill request router
-picks it) returns the first token and a reference to the prompt's KV -> that token is streamed
-at once -> a decode rank (the decode request router picks it) pulls the KV by reference from the
-Ray object store and streams the rest. The KV never passes through here.
+Generate: authenticate -> size checks (before any work) -> admission -> validate and tokenize
+(off the event loop) -> `router/lifecycle.py` runs the request over the rank channels
+(prefill rank, KV handoff, decode rank, migration when a rank is lost) -> each delta becomes
+one GenerateResponse.
 
 Every failure leaves as a gRPC status with one sentence: the code is set on the context and an
 exception raised (Serve drops a code set before a streaming method's first yield otherwise).
-Cancellation (client cancel, deadline, `router.request_timeout_s`) cancels the rank calls, which
-abort the request and free its KV on the rank.
+Cancellation (client cancel, deadline, `router.request_timeout_s`, a broken client connection)
+closes the request's stream, which aborts it on its rank and releases an unpulled handoff.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 import grpc
-from ray.serve.exceptions import BackPressureError
 
+from router.channels import RankDirectory
+from router.lifecycle import RequestFailed, RequestState, run_request
 from router.proto import inference_pb2 as pb
-from router.requests import StopLimits, parse_generate
+from router.requests import StopLimits, check_sizes, parse_generate, utf8_size
 from workers.engine.inputs import PromptLimits
-from workers.engine.params import InvalidRequestError, QueueFullError
-from workers.messages import Chunk, DecodeJob, PrefillJob, PrefillResult, RankStatus
+from workers.engine.params import InvalidRequestError
+from workers.messages import Delta, RankStatus
 
 __all__ = ["InferenceServicer", "ModelDescription", "RequestFailed", "RouterSettings"]
 
@@ -42,6 +44,9 @@ class RouterSettings:
     max_inflight: int = 1024  # Generate calls in progress before RESOURCE_EXHAUSTED
     request_timeout_s: float = 300.0
     stop_limits: StopLimits = dataclasses.field(default_factory=StopLimits)
+    max_migrations: int = 3  # times one request may lose its rank before UNAVAILABLE
+    max_prompt_bytes: int = 1 << 20  # UTF-8 bytes of a text prompt, checked before tokenizing
+    drain_grace_s: float = 30.0  # what a drained rank's in-flight requests get to finish
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,52 +60,33 @@ class ModelDescription:
     dtype: str
 
 
-class RequestFailed(Exception):
-    """Raised after the gRPC status is set on the context, so Serve sends that status."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-    def __reduce__(self):  # travels back to Serve's proxy: pickle both arguments
-        return type(self), (self.code, str(self))
-
-
 def _fail(ctx: Any, code: grpc.StatusCode, message: str) -> NoReturn:
     if ctx is not None:
         ctx.set_code(code)
         ctx.set_details(message)
-    raise RequestFailed(code, message)
-
-
-def _cause(e: BaseException) -> BaseException:
-    """The exception a rank raised, without Ray's wrapper (whose text carries a traceback)."""
-    return getattr(e, "cause", None) or e
+    raise RequestFailed(code.name, message)
 
 
 class InferenceServicer:
     def __init__(
         self,
-        prefill: Any,  # Serve DeploymentHandle of the prefill ranks
-        decode: Any,  # Serve DeploymentHandle of the decode ranks
+        directory: Callable[[], RankDirectory],
         *,
         tokenizer: Any,
         limits: PromptLimits,
         model: ModelDescription,
         settings: RouterSettings,
-        cluster_status: Callable[[], Awaitable[list[RankStatus]]],
         metrics: Any = None,  # a RouterMetrics (Ray metrics); None records nothing
     ) -> None:
-        self._prefill = prefill.options(method_name="prefill")
-        self._decode = decode.options(method_name="decode", stream=True)
+        self._directory = directory  # the rank channels, created on this replica's event loop
         self.tokenizer = tokenizer
         self.limits = limits
         self.model = model
         self.settings = settings
-        self._cluster_status = cluster_status
         self._tokens = [t.encode() for t in settings.auth_tokens]
         self.inflight = 0
         self.metrics = metrics
+        self.draining = False  # the whole cluster is draining: admit nothing
 
     # --- moe.v1.Inference ------------------------------------------------------------------
     async def Generate(  # noqa: N802 (gRPC method name)
@@ -108,11 +94,16 @@ class InferenceServicer:
     ) -> AsyncIterator[pb.GenerateResponse]:
         self._authenticate(grpc_context)
         try:
-            parsed = parse_generate(
-                request, self.tokenizer, self.limits, stop_limits=self.settings.stop_limits
-            )
+            check_sizes(request, self.limits, self.settings.max_prompt_bytes)
         except InvalidRequestError as e:
             _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if self.draining:
+            _fail(
+                grpc_context,
+                grpc.StatusCode.UNAVAILABLE,
+                "the cluster is draining for maintenance and admits no new requests; retry "
+                "against another cluster or later",
+            )
         if self.inflight >= self.settings.max_inflight:
             _fail(
                 grpc_context,
@@ -120,42 +111,46 @@ class InferenceServicer:
                 f"{self.inflight} requests in progress, the limit (router.max_queued_requests) "
                 "is reached; retry later",
             )
-        rid, n_prompt = parsed.request_id, len(parsed.prompt_token_ids)
         self.inflight += 1
-        calls: list[Any] = []
         done = False
         clock = _Clock(self.metrics)
         try:
-            async with asyncio.timeout(self.settings.request_timeout_s):
-                calls.append(
-                    self._prefill.remote(PrefillJob(rid, parsed.prompt_token_ids, parsed.params))
+            try:  # tokenizing a long text takes a while: never on the event loop
+                parsed = await asyncio.to_thread(
+                    parse_generate,
+                    request,
+                    self.tokenizer,
+                    self.limits,
+                    stop_limits=self.settings.stop_limits,
                 )
-                result: PrefillResult = await calls[-1]
-                clock.tokens(result.first)
-                yield _response(result.first, n_prompt)
-                if result.first.finish_reason == "handoff":
-                    calls.append(self._decode.remote(DecodeJob(rid, n_prompt, result.handoff)))
-                    async for chunk in calls[-1]:
-                        clock.tokens(chunk)
-                        yield _response(chunk, n_prompt)
+            except InvalidRequestError as e:
+                _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            rid, n_prompt = parsed.request_id, len(parsed.prompt_token_ids)
+            state = RequestState(
+                rid,
+                parsed.prompt_token_ids,
+                parsed.params,
+                max_migrations=self.settings.max_migrations,
+            )
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                stream = run_request(self._directory(), state)
+                async with contextlib.aclosing(stream):
+                    async for delta in stream:
+                        clock.tokens(delta)
+                        yield _response(delta, n_prompt)
             done = True
-        except RequestFailed:
-            raise
         except TimeoutError:
             _fail(
                 grpc_context,
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"request {rid} ran longer than router.request_timeout_s "
+                f"request ran longer than router.request_timeout_s "
                 f"({self.settings.request_timeout_s:g} s) and was stopped",
             )
-        except Exception as e:
-            self._fail_from_rank(grpc_context, rid, e)
+        except RequestFailed as e:
+            _fail(grpc_context, grpc.StatusCode[e.status], str(e))
         finally:
             self.inflight -= 1
             clock.finish(done)
-            if not done:  # cancelled or failed: stop the rank's work, free its KV
-                for call in calls:
-                    call.cancel()
 
     async def Tokenize(  # noqa: N802
         self, request: pb.TokenizeRequest, grpc_context: Any = None
@@ -167,7 +162,15 @@ class InferenceServicer:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "the served checkpoint has no tokenizer files; send prompt_token_ids instead",
             )
-        ids = self.tokenizer.encode(request.text, add_special_tokens=False)
+        size = utf8_size(request.text, self.settings.max_prompt_bytes)
+        if size > self.settings.max_prompt_bytes:
+            _fail(
+                grpc_context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"text: {size} bytes, at most {self.settings.max_prompt_bytes} are accepted "
+                "(router.max_prompt_bytes); send less text",
+            )
+        ids = await asyncio.to_thread(self.tokenizer.encode, request.text, add_special_tokens=False)
         return pb.TokenizeResponse(token_ids=ids)
 
     async def GetModelInfo(  # noqa: N802
@@ -180,7 +183,40 @@ class InferenceServicer:
         self, request: pb.GetClusterStatusRequest, grpc_context: Any = None
     ) -> pb.ClusterStatus:
         self._authenticate(grpc_context)
-        return cluster_status_message(await self._cluster_status())
+        try:  # the router's own view: every rank it holds a channel to, current within 0.5 s
+            statuses = self._directory().statuses()
+        except Exception as e:  # never INTERNAL with a traceback
+            log.warning("cluster status unavailable: %r", e)
+            _fail(
+                grpc_context,
+                grpc.StatusCode.UNAVAILABLE,
+                "the cluster status is not available yet; retry in a few seconds",
+            )
+        return cluster_status_message(statuses)
+
+    async def Drain(  # noqa: N802
+        self, request: pb.DrainRequest, grpc_context: Any = None
+    ) -> pb.DrainResponse:
+        self._authenticate(grpc_context)
+        channels = self._directory().channels
+        for i, rid in enumerate(request.replica_ids):
+            if rid not in channels:
+                _fail(
+                    grpc_context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"replica_ids[{i}]: no serving rank has replica id {rid!r}; take the ids "
+                    "from GetClusterStatus",
+                )
+        ids = list(request.replica_ids) or list(channels)
+        if not request.replica_ids:
+            self.draining = True
+        held = 0
+        for rid in ids:
+            ch = channels[rid]
+            held += ch.reported.running_requests
+            ch.drain(self.settings.drain_grace_s)
+        log.warning("draining %d ranks (%d requests held)", len(ids), held)
+        return pb.DrainResponse(replica_ids=ids, running_requests=held)
 
     # --- helpers -----------------------------------------------------------------------------
     def _authenticate(self, ctx: Any) -> None:
@@ -203,20 +239,6 @@ class InferenceServicer:
         if scheme.lower() != "bearer" or not ok:
             _fail(ctx, grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not accepted")
 
-    def _fail_from_rank(self, ctx: Any, rid: str, e: Exception) -> NoReturn:
-        cause = _cause(e)
-        if isinstance(cause, InvalidRequestError):
-            _fail(ctx, grpc.StatusCode.INVALID_ARGUMENT, str(cause))
-        if isinstance(cause, QueueFullError | BackPressureError):
-            _fail(ctx, grpc.StatusCode.RESOURCE_EXHAUSTED, f"the cluster is full ({cause}); retry")
-        log.error("request %s failed on a rank: %r", rid, cause)
-        _fail(
-            ctx,
-            grpc.StatusCode.UNAVAILABLE,
-            f"request {rid} failed on a rank ({type(cause).__name__}); retry, and see the "
-            "rank logs in the Ray dashboard if it persists",
-        )
-
 
 class _Clock:
     """Per-request latency bookkeeping for the router metrics (no-op without metrics)."""
@@ -227,7 +249,7 @@ class _Clock:
         self.first = True
         self.reason = "error"
 
-    def tokens(self, chunk: Chunk) -> None:
+    def tokens(self, chunk: Delta) -> None:
         if self.m is None:
             return
         now, n = time.perf_counter(), len(chunk.token_ids)
@@ -248,7 +270,7 @@ class _Clock:
             self.m.requests.inc(1, {"finish_reason": reason})
 
 
-def _response(chunk: Chunk, num_prompt_tokens: int) -> pb.GenerateResponse:
+def _response(chunk: Delta, num_prompt_tokens: int) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text)
     for tid, lp in zip(chunk.token_ids, chunk.logprobs or (), strict=False):
         entry = msg.logprobs.add(token_id=tid, logprob=lp.get(tid, float("nan")))
@@ -280,6 +302,7 @@ def cluster_status_message(statuses: list[RankStatus]) -> pb.ClusterStatus:
                 kv_blocks_total=s.kv_blocks_total,
                 tokens_per_s=s.tokens_per_s,
                 tokens_processed=s.tokens_processed,
+                accepting=s.accepting,
             )
             for layer, counts in zip(s.moe_layers, s.expert_load, strict=True):
                 r.expert_load.add(layer=layer, tokens_per_expert=counts)

@@ -179,6 +179,17 @@ class ExpertParallelRank:
         last `load_window` engine steps."""
         return self.load.totals().cpu()
 
+    def dispatch_bytes(self) -> tuple[int, int]:
+        """MoE all-to-all bytes (sent, received) since the rank started. Call it on the thread
+        that steps the engine (the counters are written there)."""
+        layers = self.engine.model.moe_layers()
+        counters = getattr(layers[0], "dispatcher", None) if layers else None
+        counters = getattr(counters, "counters", None)
+        if counters is None:
+            return 0, 0
+        total = counters.overall()
+        return total.bytes_sent, total.bytes_received
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()

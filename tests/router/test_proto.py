@@ -37,7 +37,7 @@ def test_generated_modules_import_under_router_proto():
     service = pb.DESCRIPTOR.services_by_name["Inference"]
     assert service.full_name == "moe.v1.Inference"
     methods = {m.name: m for m in service.methods}
-    assert set(methods) == {"Generate", "Tokenize", "GetModelInfo", "GetClusterStatus"}
+    assert set(methods) == {"Generate", "Tokenize", "GetModelInfo", "GetClusterStatus", "Drain"}
     assert methods["Generate"].server_streaming and not methods["Generate"].client_streaming
     assert not any(m.server_streaming for name, m in methods.items() if name != "Generate")
     # the string Ray Serve's gRPCOptions imports resolves to the generated registration function

@@ -56,7 +56,7 @@ def test_explicit_zero_differs_from_unset(tokenizer):
         ({}, "prompt", "exactly one"),
         ({"prompt": "hi", "prompt_token_ids": [1]}, "prompt", "exactly one"),
         ({"prompt_token_ids": [1, 9999]}, "prompt_token_ids", "outside the vocabulary"),
-        ({"prompt": "hi", "sampling": {"temperature": -1}}, "sampling.temperature", ">= 0"),
+        ({"prompt": "hi", "sampling": {"temperature": -1}}, "sampling.temperature", "finite"),
         ({"prompt": "hi", "sampling": {"top_p": 0}}, "sampling.top_p", "(0, 1]"),
         ({"prompt": "hi", "sampling": {"top_p": 1.5}}, "sampling.top_p", "(0, 1]"),
         ({"prompt": "hi", "sampling": {"top_k": -2}}, "sampling.top_k", ">= 0"),

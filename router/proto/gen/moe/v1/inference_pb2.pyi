@@ -141,7 +141,7 @@ class GangStatus(_message.Message):
     def __init__(self, gang_id: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ...) -> None: ...
 
 class RankStatus(_message.Message):
-    __slots__ = ("rank", "replica_id", "running_requests", "queued_prompt_tokens", "kv_blocks_used", "kv_blocks_total", "tokens_per_s", "expert_load", "tokens_processed")
+    __slots__ = ("rank", "replica_id", "running_requests", "queued_prompt_tokens", "kv_blocks_used", "kv_blocks_total", "tokens_per_s", "expert_load", "tokens_processed", "accepting")
     RANK_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class RankStatus(_message.Message):
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     EXPERT_LOAD_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTING_FIELD_NUMBER: _ClassVar[int]
     rank: int
     replica_id: str
     running_requests: int
@@ -160,7 +161,22 @@ class RankStatus(_message.Message):
     tokens_per_s: float
     expert_load: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
     tokens_processed: int
-    def __init__(self, rank: _Optional[int] = ..., replica_id: _Optional[str] = ..., running_requests: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., tokens_processed: _Optional[int] = ...) -> None: ...
+    accepting: bool
+    def __init__(self, rank: _Optional[int] = ..., replica_id: _Optional[str] = ..., running_requests: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., tokens_processed: _Optional[int] = ..., accepting: _Optional[bool] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("replica_ids",)
+    REPLICA_IDS_FIELD_NUMBER: _ClassVar[int]
+    replica_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, replica_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("replica_ids", "running_requests")
+    REPLICA_IDS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    replica_ids: _containers.RepeatedScalarFieldContainer[str]
+    running_requests: int
+    def __init__(self, replica_ids: _Optional[_Iterable[str]] = ..., running_requests: _Optional[int] = ...) -> None: ...
 
 class ExpertLoad(_message.Message):
     __slots__ = ("layer", "tokens_per_expert")

@@ -56,6 +56,11 @@ class InferenceStub:
                 request_serializer=moe_dot_v1_dot_inference__pb2.GetClusterStatusRequest.SerializeToString,
                 response_deserializer=moe_dot_v1_dot_inference__pb2.ClusterStatus.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/moe.v1.Inference/Drain',
+                request_serializer=moe_dot_v1_dot_inference__pb2.DrainRequest.SerializeToString,
+                response_deserializer=moe_dot_v1_dot_inference__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -95,6 +100,17 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """Admin: stop admitting work on some ranks (or the whole cluster) before maintenance. In-flight
+        streams finish within `router.drain_grace_s`; what is left then moves to other ranks (or, for
+        a whole-cluster drain, ends with UNAVAILABLE). New requests go to ranks not draining; with
+        the whole cluster draining they get UNAVAILABLE at once. Requires the bearer token when auth
+        is on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,6 +133,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GetClusterStatus,
                     request_deserializer=moe_dot_v1_dot_inference__pb2.GetClusterStatusRequest.FromString,
                     response_serializer=moe_dot_v1_dot_inference__pb2.ClusterStatus.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=moe_dot_v1_dot_inference__pb2.DrainRequest.FromString,
+                    response_serializer=moe_dot_v1_dot_inference__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -229,6 +250,33 @@ class Inference:
             '/moe.v1.Inference/GetClusterStatus',
             moe_dot_v1_dot_inference__pb2.GetClusterStatusRequest.SerializeToString,
             moe_dot_v1_dot_inference__pb2.ClusterStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe.v1.Inference/Drain',
+            moe_dot_v1_dot_inference__pb2.DrainRequest.SerializeToString,
+            moe_dot_v1_dot_inference__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,4 @@
-"""Two expert-parallel ranks, each driven by its RankLoop thread in lockstep (the serving shape):
+"""Two expert-parallel ranks, each driven by its `Rank` loop in lockstep (the serving shape):
 requests sent to one rank only stream the single-engine tokens while the idle peer runs empty
 steps. Two ways to end: "hard" (rank 0's stop ends both loops at the same step) and "graceful"
 (rank 1 asks to leave first, as a gang being scaled away does, and keeps stepping so rank 0's
@@ -6,7 +6,6 @@ requests finish; the group stops once rank 0 leaves too)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import traceback
 from pathlib import Path
@@ -22,36 +21,45 @@ JOIN_TIMEOUT_S = 240
 
 def _child(rank: int, ckpt: str, tmp: str, mode: str) -> None:
     try:
+        import queue
+
         from workers.engine import SamplingParams
         from workers.engine.build import build_engine
         from workers.ep_rank import ExpertParallelRank
-        from workers.rank_loop import RankLoop
+        from workers.messages import Submit
+        from workers.rank import GangMember, Rank
 
         params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
         member = ExpertParallelRank(
             ckpt, rank=rank, world_size=WORLD, init_method=f"file://{tmp}/store"
         )
-        loop = RankLoop(member.engine, member.lockstep).start()
+        who = GangMember("decode", "gang", rank, WORLD, f"replica-{rank}")
+        r = Rank(member.engine, who, lockstep=member.lockstep, close_group=member.close)
+        published: queue.SimpleQueue = queue.SimpleQueue()
+        r.publish = lambda by_session, load, admitted: published.put(by_session)
+        r.start()
         result: dict = {"rank": rank}
         if rank == 1 and mode == "graceful":
-            loop.stop(180, graceful=True)  # returns once rank 0 has left too
+            r.stop(180, graceful=True)  # returns once rank 0 has left too
         elif rank == 0:
-
-            async def main():
-                async def one(p):
-                    return [t async for o in loop.generate(params, p) for t in o.new_token_ids]
-
-                return await asyncio.wait_for(asyncio.gather(*(one(p) for p in PROMPTS)), 120)
-
-            result["tokens"] = asyncio.run(main())
+            for i, p in enumerate(PROMPTS):
+                r.submit("router", Submit(f"q{i}", p, params))
+            tokens: dict[str, list[int]] = {f"q{i}": [] for i in range(len(PROMPTS))}
+            done: set[str] = set()
+            while len(done) < len(PROMPTS):
+                for d in published.get(timeout=120).get("router", []):
+                    tokens[d.request_id] += d.token_ids
+                    if d.finished:
+                        done.add(d.request_id)
+            result["tokens"] = [tokens[f"q{i}"] for i in range(len(PROMPTS))]
             reference = build_engine(ckpt).generate([(p, params) for p in PROMPTS])
             result["reference"] = [o.token_ids for o in reference]
-            loop.stop(60, graceful=mode == "graceful")  # hard: stops the whole group
+            r.stop(60, graceful=mode == "graceful")  # hard: stops the whole group
         else:
-            loop.join(180)  # ends when rank 0 stops the group
+            assert r.join(180)  # ends when rank 0 stops the group
+            r.stop(10)
         result["stopped"] = member.lockstep.stopped
         result["kv_used"] = member.engine.stats().kv_blocks_used
-        member.close()
         Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
     except BaseException:
         Path(tmp, f"{rank}.err").write_text(f"rank {rank}:\n{traceback.format_exc()}")

@@ -1,0 +1,271 @@
+"""The router's end of the rank channels: one `RankChannel` (TCP connection) per rank, and the
+`RankDirectory` that keeps them in step with the ranks the registry lists.
+
+A channel knows, at every moment, which requests it holds and the rank's load: the rank's last
+report plus what this router submitted that the rank has not taken in yet (`num_admitted`). When
+the connection breaks, or the rank stays silent past `rank_timeout_s` (it heartbeats every
+0.25 s), every request it held receives a MIGRATE delta: the request driver
+(`router/lifecycle.py`) runs it elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import math
+from collections.abc import Awaitable, Callable
+
+from router.balancing import prefix_key, rank_decode, rank_prefill
+from workers.messages import (
+    MIGRATE,
+    Abort,
+    Delta,
+    DrainRank,
+    Hello,
+    KVRef,
+    RankAddress,
+    RankLoad,
+    RankStatus,
+    Release,
+    StepReport,
+    Submit,
+)
+from workers.wire import ChannelClosed, read_frame, write_frame
+
+__all__ = ["NoRankError", "RankChannel", "RankDirectory"]
+
+log = logging.getLogger("moe_cluster.router")
+
+
+class NoRankError(RuntimeError):
+    """No healthy rank of a stage appeared before the caller's deadline."""
+
+
+class RankChannel:
+    def __init__(self, address: RankAddress, peer_id: str, rank_timeout_s: float) -> None:
+        self.address = address
+        self.peer_id = peer_id
+        self.rank_timeout_s = rank_timeout_s
+        self.reported = RankLoad(address.replica_id)
+        self.status: RankStatus | None = None
+        self.alive = False
+        self.requests: dict[str, asyncio.Queue[Delta]] = {}
+        # own submits the rank has not taken in yet: (submit number, prompt tokens, KV blocks)
+        self._unadmitted: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._num_submitted = 0
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task | None = None
+        self.on_lost: Callable[[RankChannel], None] = lambda ch: None
+
+    @property
+    def key(self) -> str:
+        return self.address.replica_id
+
+    async def connect(self, timeout_s: float = 5.0) -> None:
+        a = self.address
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(a.host, a.port), timeout_s)
+        write_frame(writer, Hello(self.peer_id))
+        self._writer = writer
+        self.alive = True
+        self._reader_task = asyncio.create_task(self._read(reader), name=f"channel-{self.key}")
+
+    def load(self) -> RankLoad:
+        """The rank's last report plus this router's submits it has not taken in yet."""
+        r = self.reported
+        return RankLoad(
+            r.key,
+            queued_prompt_tokens=r.queued_prompt_tokens + sum(t for _, t, _ in self._unadmitted),
+            kv_blocks_used=r.kv_blocks_used + sum(b for _, _, b in self._unadmitted),
+            kv_blocks_total=r.kv_blocks_total,
+            running_requests=r.running_requests + len(self._unadmitted),
+            accepting=r.accepting,
+        )
+
+    def submit(self, msg: Submit, queue: asyncio.Queue[Delta], kv_blocks: int) -> None:
+        if not self.alive or self._writer is None:
+            queue.put_nowait(Delta.ended(msg.request_id, MIGRATE, "its rank was lost"))
+            return
+        self.requests[msg.request_id] = queue
+        self._num_submitted += 1
+        prompt = 0 if msg.kv is not None else len(msg.prompt_token_ids)
+        self._unadmitted.append((self._num_submitted, prompt, kv_blocks))
+        write_frame(self._writer, msg)
+
+    def abort(self, request_id: str) -> None:
+        if self.requests.pop(request_id, None) is not None and self.alive and self._writer:
+            write_frame(self._writer, Abort(request_id))
+
+    def release(self, key: str) -> None:
+        if self.alive and self._writer is not None:
+            write_frame(self._writer, Release(key))
+
+    def drain(self, grace_s: float) -> None:
+        if self.alive and self._writer is not None:
+            write_frame(self._writer, DrainRank(grace_s))
+            # stop routing here at once, before the rank's next report says so
+            self.reported = dataclasses.replace(self.reported, accepting=False)
+
+    def close(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        self._lost("the router closed the channel")
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        why = "its rank was lost"
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(read_frame(reader), self.rank_timeout_s)
+                except TimeoutError:
+                    why = f"its rank was silent for {self.rank_timeout_s:g} s"
+                    return
+                if isinstance(msg, StepReport):
+                    self._report(msg)
+        except ChannelClosed:
+            pass
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+            self._lost(why)
+
+    def _report(self, report: StepReport) -> None:
+        self.reported = report.load
+        if report.status is not None:
+            self.status = report.status
+        while self._unadmitted and self._unadmitted[0][0] <= report.num_admitted:
+            self._unadmitted.popleft()
+        for d in report.deltas:
+            queue = self.requests.get(d.request_id)
+            if queue is None:
+                continue  # aborted by the router meanwhile
+            queue.put_nowait(d)
+            if d.finished:
+                del self.requests[d.request_id]
+
+    def _lost(self, why: str) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        for rid, queue in self.requests.items():
+            queue.put_nowait(Delta.ended(rid, MIGRATE, why))
+        self.requests.clear()
+        self._unadmitted.clear()
+        self.on_lost(self)
+
+
+class RankDirectory:
+    """Every rank this router can reach, by stage, kept current from the registry's list."""
+
+    def __init__(
+        self,
+        list_ranks: Callable[[], Awaitable[list[RankAddress]]],
+        peer_id: str,
+        *,
+        block_size: int = 16,
+        rank_timeout_s: float = 10.0,
+        refresh_s: float = 0.5,
+    ) -> None:
+        self._list_ranks = list_ranks
+        self.peer_id = peer_id
+        self.block_size = block_size
+        self.rank_timeout_s = rank_timeout_s
+        self.refresh_s = refresh_s
+        self.channels: dict[str, RankChannel] = {}
+        self._lost: set[str] = set()  # replica ids whose channel broke: never reconnected
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._affinity: collections.OrderedDict[tuple[int, ...], str] = collections.OrderedDict()
+
+    def start(self) -> RankDirectory:
+        if self._task is None:
+            self._task = asyncio.create_task(self._poll(), name="rank-directory")
+        return self
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for ch in list(self.channels.values()):
+            ch.close()
+        self.channels.clear()
+
+    async def refresh(self) -> None:
+        """Connect to ranks that appeared, drop the ones that left the registry."""
+        listed = {a.replica_id: a for a in await self._list_ranks()}
+        for key in [k for k in self.channels if k not in listed]:
+            self.channels.pop(key).close()
+        for key, address in listed.items():
+            if key in self.channels or key in self._lost:
+                continue
+            ch = RankChannel(address, self.peer_id, self.rank_timeout_s)
+            ch.on_lost = self._on_lost
+            try:
+                await ch.connect()
+            except (OSError, TimeoutError) as e:
+                log.warning("cannot reach %s rank %s: %r", address.stage, key, e)
+                continue
+            self.channels[key] = ch
+            self._changed.set()
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception as e:  # the registry restarting: keep the channels we have
+                log.warning("rank list unavailable: %r", e)
+            await asyncio.sleep(self.refresh_s)
+
+    def _on_lost(self, ch: RankChannel) -> None:
+        self._lost.add(ch.key)
+        self.channels.pop(ch.key, None)
+        self._changed.set()
+
+    def healthy(self, stage: str) -> list[RankChannel]:
+        return [
+            ch
+            for ch in self.channels.values()
+            if ch.alive and ch.address.stage == stage and ch.reported.accepting
+        ]
+
+    async def pick(self, stage: str, prompt_token_ids: list[int], exclude=()) -> RankChannel:
+        """The best healthy rank of `stage` by its policy; waits while there is none (the
+        caller bounds the wait with its deadline)."""
+        while True:
+            candidates = [ch for ch in self.healthy(stage) if ch.key not in exclude]
+            if candidates:
+                return self._choose(stage, candidates, prompt_token_ids)
+            self._changed.clear()
+            await self._changed.wait()
+
+    def _choose(self, stage: str, candidates: list[RankChannel], prompt: list[int]):
+        by_key = {ch.key: ch for ch in candidates}
+        loads = [ch.load() for ch in candidates]
+        if stage == "decode":
+            return by_key[rank_decode(loads)[0]]
+        prefix = prefix_key(prompt)
+        best = by_key[rank_prefill(loads, self._affinity.get(prefix))[0]]
+        self._affinity[prefix] = best.key
+        self._affinity.move_to_end(prefix)
+        if len(self._affinity) > 4096:
+            self._affinity.popitem(last=False)
+        return best
+
+    def kv_blocks(self, num_tokens: int) -> int:
+        return math.ceil((num_tokens + 1) / self.block_size)
+
+    def release(self, ref: KVRef) -> None:
+        """Tell the KV's owner nobody will pull it (no-op when the owner is gone)."""
+        for ch in self.channels.values():
+            if (ch.address.host, ch.address.port) == (ref.owner_host, ref.owner_port):
+                ch.release(ref.key)
+                return
+
+    def statuses(self) -> list[RankStatus]:
+        """The latest full status of every connected rank."""
+        return [ch.status for ch in self.channels.values() if ch.alive and ch.status is not None]
+
+    def num_held(self) -> int:
+        return sum(len(ch.requests) for ch in self.channels.values())

@@ -1,0 +1,67 @@
+"""`Rank` alone (no channel): a stopping loop answers every request it holds or has queued,
+drain refuses new work and hands back what outlives the grace, a bad submit is answered."""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+
+from workers.engine import SamplingParams
+from workers.engine.build import build_engine
+from workers.messages import DRAINING, INVALID, MIGRATE, Submit
+from workers.rank import GangMember, Rank
+
+LONG = SamplingParams(max_tokens=3000, temperature=0, ignore_eos=True)
+WAIT_S = 60
+
+
+@pytest.fixture
+def rank(tiny_checkpoint):
+    r = Rank(build_engine(tiny_checkpoint("qwen3_moe")), GangMember("decode", "g", 0, 1, "r0"))
+    published: queue.SimpleQueue = queue.SimpleQueue()
+    r.publish = lambda by_session, load, admitted: published.put(by_session.get("s", []))
+    r.published = published  # type: ignore[attr-defined]
+    yield r.start()
+    r.stop(10)
+
+
+def _until(rank, pred) -> dict:
+    seen: dict = {}
+    while True:
+        for d in rank.published.get(timeout=WAIT_S):
+            seen.setdefault(d.request_id, []).append(d)
+        if pred(seen):
+            return seen
+
+
+def test_stop_hands_back_every_request_held_or_queued(rank):
+    for i in range(3):
+        rank.submit("s", Submit(f"a{i}", [5, 6, 7 + i], LONG))
+    _until(rank, lambda seen: len(seen) == 3)  # all three are streaming
+    rank.submit("s", Submit("late", [9, 9], LONG))  # may still sit in the inbox
+    rank.stop(WAIT_S)
+    seen = _until(rank, lambda s: all(s.get(r, [None])[-1] and s[r][-1].finished
+                                      for r in ("a0", "a1", "a2", "late")))
+    for rid in ("a0", "a1", "a2", "late"):
+        assert seen[rid][-1].error_kind == MIGRATE, rid
+    assert rank.engine.stats().kv_blocks_used == 0 and rank.engine.stats().num_requests == 0
+
+
+def test_drain_refuses_new_work_and_hands_back_after_the_grace(rank):
+    rank.submit("s", Submit("held", [5, 6, 7], LONG))
+    _until(rank, lambda seen: "held" in seen)
+    rank.drain(grace_s=0.3)
+    rank.submit("s", Submit("new", [5, 6, 8], LONG))
+    seen = _until(rank, lambda s: "new" in s and s["held"][-1].finished)
+    assert seen["new"][-1].error_kind == DRAINING
+    assert seen["held"][-1].error_kind == MIGRATE
+    assert not rank.snapshot.load.accepting
+
+
+def test_bad_submit_is_answered_and_the_loop_goes_on(rank):
+    rank.submit("s", Submit("bad", [10**7], LONG))
+    rank.submit("s", Submit("ok", [1, 2], SamplingParams(max_tokens=3, temperature=0)))
+    seen = _until(rank, lambda s: "ok" in s and s["ok"][-1].finished)
+    assert seen["bad"][-1].error_kind == INVALID and "vocabulary" in seen["bad"][-1].error
+    assert seen["ok"][-1].finish_reason in ("length", "stop")

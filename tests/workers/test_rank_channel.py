@@ -1,0 +1,181 @@
+"""Ranks behind their channels, driven by the router's request driver, in one process (real
+TCP on loopback, real engines, no Ray): prefill -> KV pulled by the decode rank -> stream;
+migration when a rank stops or its connection drops; cancellation and a closed router session
+free every KV block and every handoff."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from router.channels import RankDirectory
+from router.lifecycle import RequestFailed, RequestState, run_request
+from workers.engine import EngineConfig, SamplingParams
+from workers.engine.build import build_engine
+from workers.rank import GangMember, start_rank
+
+WAIT_S = 60
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+PROMPTS = [[5, 6, 7, 8], [40] * 13, [3, 1, 4, 1, 5, 9, 2, 6]]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint("deepseek_v3")
+
+
+@pytest.fixture(scope="module")
+def offline(ckpt):
+    return build_engine(ckpt).generate([(p, GREEDY) for p in PROMPTS])
+
+
+def _rank(ckpt, stage: str, name: str):
+    member = GangMember(stage, f"{stage}-gang-{name}", 0, 1, name)
+    engine = build_engine(ckpt, config=EngineConfig(block_size=4))
+    return start_rank(None, member, host="127.0.0.1", engine=engine)
+
+
+@pytest.fixture
+def ranks(ckpt):
+    made = {
+        "p0": _rank(ckpt, "prefill", "p0"),
+        "d0": _rank(ckpt, "decode", "d0"),
+        "d1": _rank(ckpt, "decode", "d1"),
+    }
+    yield made
+    for r in made.values():
+        with contextlib.suppress(Exception):
+            r.close(timeout_s=10)
+
+
+async def _directory(ranks) -> RankDirectory:
+    async def listed():
+        return [r.address for r in ranks.values() if r.rank.failed is None]
+
+    d = RankDirectory(listed, "router-test", block_size=4, rank_timeout_s=5)
+    await d.refresh()
+    return d
+
+
+async def _run(directory, rid, prompt, params=GREEDY, on_delta=None):
+    state = RequestState(rid, prompt, params)
+    deltas = []
+    async with contextlib.aclosing(run_request(directory, state)) as stream:
+        async for d in stream:
+            deltas.append(d)
+            if on_delta is not None:
+                await on_delta(d, deltas)
+    return state, deltas
+
+
+def _idle(ranks) -> bool:
+    return all(
+        r.rank.snapshot.load.kv_blocks_used == 0 and r.rank.snapshot.load.running_requests == 0
+        for r in ranks.values()
+    ) and all(len(r.channel.store) == 0 for r in ranks.values())
+
+
+async def _until(cond, what: str) -> None:
+    async with asyncio.timeout(WAIT_S):
+        while not cond():
+            await asyncio.sleep(0.02)  # polls another thread's snapshot; bounded by WAIT_S
+    assert cond(), what
+
+
+def test_prefill_handoff_decode_equals_offline(ranks, offline):
+    async def main():
+        d = await _directory(ranks)
+        try:
+            return await asyncio.gather(*[_run(d, f"r{i}", p) for i, p in enumerate(PROMPTS)])
+        finally:
+            d.close()
+
+    results = asyncio.run(asyncio.wait_for(main(), WAIT_S))
+    for (state, deltas), ref in zip(results, offline, strict=True):
+        assert deltas[0].finish_reason == "handoff" and len(deltas[0].token_ids) == 1
+        assert [t for x in deltas for t in x.token_ids] == ref.token_ids
+        assert "".join(x.text for x in deltas) == ref.text
+        assert deltas[-1].finish_reason == "length" and state.migrations == 0
+    # the decode ranks pulled every handoff: the prefill rank holds none
+    assert len(ranks["p0"].channel.store) == 0
+
+
+@pytest.mark.parametrize("how", ["stop", "drop-connection"])
+def test_a_lost_decode_rank_migrates_its_streams(ranks, offline, how):
+    """The decode rank holding the streams goes away mid-stream: each stream continues on the
+    other decode rank with exactly the tokens of a fault-free run."""
+
+    async def main():
+        d = await _directory(ranks)
+        killed = asyncio.Event()
+
+        async def kill_when_decoding(delta, deltas):
+            if len(deltas) == 6 and not killed.is_set():
+                killed.set()
+                holder = next(ranks[k] for k in ("d0", "d1") if d.channels[k].requests)
+                if how == "stop":
+                    await asyncio.to_thread(holder.close, 10)
+                else:
+                    holder.channel.close()
+
+        try:
+            return await asyncio.gather(
+                *[
+                    _run(d, f"m{i}", p, on_delta=kill_when_decoding if i == 0 else None)
+                    for i, p in enumerate(PROMPTS)
+                ]
+            )
+        finally:
+            d.close()
+
+    results = asyncio.run(asyncio.wait_for(main(), WAIT_S))
+    assert any(state.migrations == 1 for state, _ in results)
+    for (_, deltas), ref in zip(results, offline, strict=True):
+        assert [t for x in deltas for t in x.token_ids] == ref.token_ids
+        assert "".join(x.text for x in deltas) == ref.text
+
+
+def test_cancel_and_a_closed_session_free_everything(ranks):
+    async def main():
+        d = await _directory(ranks)
+        long = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
+
+        async def cancel_after(n):
+            async def hook(delta, deltas):
+                if len(deltas) >= n:
+                    raise asyncio.CancelledError
+
+            return hook
+
+        tasks = [
+            asyncio.create_task(_run(d, f"c{i}", [7] * (5 + i), long, await cancel_after(i + 1)))
+            for i in range(4)
+        ]
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await _until(lambda: _idle(ranks), "KV back to 0 after cancels")
+        # a router that goes away with requests in flight: its sessions close, ranks abort
+        for i in range(3):
+            asyncio.create_task(_run(d, f"o{i}", [9] * 6, long))
+        await _until(lambda: sum(len(c.requests) for c in d.channels.values()) == 3, "running")
+        d.close()
+        await _until(lambda: _idle(ranks), "KV back to 0 after the router left")
+
+    asyncio.run(asyncio.wait_for(main(), WAIT_S))
+
+
+def test_bad_input_at_the_rank_is_a_request_error(ranks):
+    async def main():
+        d = await _directory(ranks)
+        try:
+            with pytest.raises(RequestFailed) as err:
+                await _run(d, "bad", [10**7])
+            return err.value
+        finally:
+            d.close()
+
+    err = asyncio.run(asyncio.wait_for(main(), WAIT_S))
+    assert err.status == "INVALID_ARGUMENT" and "vocabulary" in str(err)

@@ -1,0 +1,96 @@
+"""`start_rank`: join the gang, load this rank's experts, start the loop and the channel port.
+What a Serve replica (or a test) calls; `ServingRank` is what it gets back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from workers.engine import Engine, EngineConfig
+from workers.engine.build import build_engine
+from workers.ep_rank import ExpertParallelRank
+from workers.messages import RankAddress
+from workers.rank.channel import ChannelServer, listen_socket
+from workers.rank.rank import GangMember, Rank
+from workers.rank.transport import KVStore, PeerKVTransport
+
+__all__ = ["ServingRank", "start_rank"]
+
+
+@dataclass(frozen=True)
+class ServingRank:
+    rank: Rank
+    channel: ChannelServer
+    address: RankAddress
+
+    def close(self, timeout_s: float = 30.0, graceful: bool = False) -> None:
+        """Stop the loop (every request still held goes back to its router as MIGRATE), then
+        close the channels."""
+        try:
+            self.rank.stop(timeout_s, graceful=graceful)
+        finally:
+            self.channel.close()
+
+
+def start_rank(
+    model_dir: str | Path | None,
+    member: GangMember,
+    *,
+    host: str,
+    init_method: str | None = None,
+    dtype: str = "float32",
+    engine_config: EngineConfig | None = None,
+    threads: int = 1,
+    device: str = "cpu",
+    collective_timeout_s: float = 30.0,
+    kv_ttl_s: float = 120.0,
+    engine: Engine | None = None,
+) -> ServingRank:
+    """A gang member (`init_method` given: joins the torch.distributed group, loads only its
+    experts, steps in lockstep) or a lone rank over `engine` / a full `build_engine`."""
+    sock = listen_socket(host)
+    port = sock.getsockname()[1]
+    transport = PeerKVTransport(KVStore(kv_ttl_s), host, port, member.replica_id)
+    store = transport.store
+    if init_method is not None:
+        assert model_dir is not None
+        ep = ExpertParallelRank(
+            model_dir,
+            rank=member.rank,
+            world_size=member.world_size,
+            init_method=init_method,
+            dtype=dtype,
+            engine_config=engine_config,
+            threads=threads,
+            timeout_s=collective_timeout_s,
+            device=device,
+        )
+        rank = Rank(
+            ep.engine,
+            member,
+            lockstep=ep.lockstep,
+            put_kv=transport.put,
+            end_session_kv=store.release_session,
+            expert_load=lambda: ep.expert_load().tolist(),
+            dispatch_bytes=ep.dispatch_bytes,
+            close_group=ep.close,
+        )
+    else:
+        if engine is None:
+            assert model_dir is not None
+            engine = build_engine(
+                model_dir, dtype=dtype, config=engine_config, device=device, progress=False
+            )
+        rank = Rank(engine, member, put_kv=transport.put, end_session_kv=store.release_session)
+    channel = ChannelServer(rank, transport, sock).start()
+    rank.start()
+    address = RankAddress(
+        member.replica_id,
+        member.stage,
+        member.gang_id,
+        member.rank,
+        member.world_size,
+        host,
+        port,
+    )
+    return ServingRank(rank, channel, address)
