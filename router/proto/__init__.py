@@ -14,4 +14,4 @@ __all__ = ["SERVICER_FUNCTION", "inference_pb2", "inference_pb2_grpc"]
 
 # Import path of the function that registers the service on a grpc.Server, in the form Ray Serve's
 # `gRPCOptions(grpc_servicer_functions=[...])` wants (a string it imports in the proxy).
-SERVICER_FUNCTION = "router.proto.gen.moe.v1.inference_pb2_grpc.add_InferenceServicer_to_server"
+SERVICER_FUNCTION = "router.ingress.add_servicer"
