@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-gangs", type=int)
     s.add_argument("--decode-gang-size", type=int, help="expert-parallel ranks per decode gang")
     s.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy port")
+    s.add_argument(
+        "--http-host",
+        default="127.0.0.1",
+        help="address Serve's HTTP proxy binds (default loopback; 0.0.0.0 to expose it)",
+    )
     s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for ready")
     s.add_argument("--demo", metavar="PROMPT", help="once ready, stream one greedy completion")
 

@@ -31,12 +31,19 @@ class DeployError(RuntimeError):
     """The application failed to deploy or did not become ready in time."""
 
 
-def deploy(cfg: ClusterConfig, *, http_port: int = 8000, timeout_s: float = 600.0) -> None:
-    """Start Serve (gRPC proxy on `router.port` with reflection, HTTP on `http_port`) on the
+def deploy(
+    cfg: ClusterConfig,
+    *,
+    http_port: int = 8000,
+    http_host: str = "127.0.0.1",
+    timeout_s: float = 600.0,
+) -> None:
+    """Start Serve (gRPC proxy on `router.port` with reflection, HTTP on `http_host:http_port`:
+    loopback unless asked, nothing is served over HTTP yet) on the
     connected Ray, deploy the application and return once it serves requests."""
     serve.start(
         grpc_options=gRPCOptions(port=cfg.router.port, grpc_servicer_functions=[SERVICER_FUNCTION]),
-        http_options={"host": "0.0.0.0", "port": http_port},
+        http_options={"host": http_host, "port": http_port},
     )
     serve.run_many(
         [serve.RunTarget(build_app(cfg), name=APP_NAME, route_prefix="/")],

@@ -83,7 +83,7 @@ def serve_command(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     code = 0
     try:
-        deploy(cfg, http_port=args.http_port, timeout_s=args.timeout)
+        deploy(cfg, http_port=args.http_port, http_host=args.http_host, timeout_s=args.timeout)
         host = "localhost" if embedded else ray.util.get_node_ip_address()
         print(f"moe-cluster serve: ready on {host}:{cfg.router.port}", flush=True)
         if args.demo:

@@ -340,5 +340,9 @@ def test_deadline_during_prefill_stops_the_prefill(client):
     with pytest.raises(ClientError) as err:
         list(client.generate(prompt_token_ids=[7] * 3900, max_tokens=1, timeout_s=0.5))
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    ranks = _wait_status(client, _idle, "every KV block free after the deadline")
+    ranks = _wait_status(
+        client,
+        lambda rs: _idle(rs) and sum(r.tokens_processed for r in rs["prefill"]) > before,
+        "every KV block free after the deadline, the prefill's first chunks counted",
+    )
     assert 0 < sum(r.tokens_processed for r in ranks["prefill"]) - before < 3900
