@@ -186,20 +186,19 @@ def _fuzz(target: str, n: int) -> dict[str, int]:
 
     def one(i: int) -> str:
         req = pb.GenerateRequest()
-        if rnd.random() < 0.7:
-            req.prompt = "".join(
-                chr(rnd.randrange(32, 0x2FFF)) for _ in range(rnd.randrange(0, 40))
-            )
-        if rnd.random() < 0.4:
-            req.prompt_token_ids.extend(
-                rnd.randrange(-5, 600) for _ in range(rnd.randrange(0, 20))
-            )
+        shape = rnd.random()  # mostly exactly one input, sometimes both or neither
+        if shape < 0.55 or shape > 0.95:
+            n = rnd.randrange(0, 40)
+            req.prompt = "".join(chr(rnd.randrange(32, 0x2FFF)) for _ in range(n))
+        if shape > 0.5:
+            n = rnd.randrange(0, 20)
+            req.prompt_token_ids.extend(rnd.randrange(-5, 600) for _ in range(n))
         s = req.sampling
-        s.max_tokens = rnd.choice([0, 1, 2, 8, -3, 5000, 2**31 - 1])
+        s.max_tokens = rnd.choice([0, 1, 2, 8, 8, 8, 16, -3, 5000, 2**31 - 1])
         if rnd.random() < 0.8:
             s.temperature = rnd.choice(weird)
-        if rnd.random() < 0.5:
-            s.top_p = rnd.choice(weird)
+        if rnd.random() < 0.3:
+            s.top_p = rnd.choice(weird + [1.0, 0.9, 1e-9])
         s.top_k = rnd.choice([0, 1, -1, 2**31 - 1])
         if rnd.random() < 0.3:
             s.seed = rnd.randrange(-(2**63), 2**63)

@@ -118,12 +118,13 @@ def _drain(target: str, tokens: list[str], grace_s: float) -> None:
         with InferenceClient(target, token=tokens[0] if tokens else None, timeout_s=10) as c:
             held = c.drain().running_requests
             print(f"moe-cluster serve: {held} requests in flight", file=sys.stderr, flush=True)
-            while time.monotonic() < deadline:
+            quiet = 0  # a request moving from prefill to decode is briefly on no rank
+            while time.monotonic() < deadline and quiet < 5:
                 status = c.cluster_status()
-                if not any(
+                busy = any(
                     r.running_requests for d in status.deployments for g in d.gangs for r in g.ranks
-                ):
-                    return
+                )
+                quiet = 0 if busy else quiet + 1
                 time.sleep(0.2)  # polling the cluster's state; bounded by the grace
     except ClientError as e:  # the router is gone already: nothing left to drain through it
         print(f"moe-cluster serve: drain skipped ({e.details})", file=sys.stderr, flush=True)

@@ -230,11 +230,19 @@ class RankDirectory:
             if ch.alive and ch.address.stage == stage and ch.reported.accepting
         ]
 
-    async def pick(self, stage: str, prompt_token_ids: list[int], exclude=()) -> RankChannel:
+    async def pick(
+        self, stage: str, prompt_token_ids: list[int], continuation: bool = False
+    ) -> RankChannel:
         """The best healthy rank of `stage` by its policy; waits while there is none (the
-        caller bounds the wait with its deadline)."""
+        caller bounds the wait with its deadline). A `continuation` (a request already running
+        in the cluster: handoff or migration) may go to a draining rank when no other is left,
+        so a drained cluster still finishes what it admitted."""
         while True:
-            candidates = [ch for ch in self.healthy(stage) if ch.key not in exclude]
+            candidates = self.healthy(stage)
+            if not candidates and continuation:
+                candidates = [
+                    ch for ch in self.channels.values() if ch.alive and ch.address.stage == stage
+                ]
             if candidates:
                 return self._choose(stage, candidates, prompt_token_ids)
             self._changed.clear()

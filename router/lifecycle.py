@@ -74,7 +74,7 @@ async def run_request(directory: RankDirectory, state: RequestState) -> AsyncGen
 async def _attempt(directory: RankDirectory, state: RequestState) -> AsyncIterator[Delta]:
     """One submission to one rank, until it finishes, hands off or hands the request back."""
     decode = state.stage == "decode"
-    rank = await directory.pick(state.stage, state.prompt_token_ids)
+    rank = await directory.pick(state.stage, state.prompt_token_ids, continuation=decode)
     queue: asyncio.Queue[Delta] = asyncio.Queue()
     msg = Submit(
         state.request_id,

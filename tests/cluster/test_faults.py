@@ -328,3 +328,39 @@ def _refused(target: str, prompt: str) -> ClientError:
         with pytest.raises(ClientError) as err:
             c.complete(prompt, max_tokens=4)
         return err.value
+
+
+def test_drain_finishes_in_flight_streams_and_turns_new_work_away(client, target, model_dir):
+    """Drain one decode rank with streams on it: they finish (within router.drain_grace_s) with
+    the fault-free tokens, new streams go to the other ranks; then drain the whole cluster: new
+    requests get UNAVAILABLE at once. The module's last test: the drained ranks stay drained."""
+    _wait(client, _healthy_and_idle, "a healthy idle cluster")
+    prompts = _prompts(6, 12, seed=5)
+    ref = _reference(model_dir, prompts, GREEDY)
+    streams = _Streams(target, prompts)
+    streams.wait_started()
+    ranks = _wait(
+        client,
+        lambda rs: sum(r.running_requests for r in rs.get("decode", [])) >= 5,
+        "the streams decoding",
+        timeout_s=60,
+    )
+    victim = max(ranks["decode"], key=lambda r: r.running_requests)
+    drained = client.drain([victim.replica_id])
+    assert list(drained.replica_ids) == [victim.replica_id] and drained.running_requests > 0
+    with pytest.raises(ClientError) as err:
+        client.drain(["no-such-rank"])
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details.startswith("replica_ids[0]: ")
+    more = _Streams(target, _prompts(3, 12, seed=6))
+    streams.join()
+    more.join()
+    assert streams.errors == [None] * 6 and streams.tokens == ref
+    assert more.errors == [None] * 3
+    ranks = _wait(client, lambda rs: True, "a status")
+    (after,) = [r for r in ranks["decode"] if r.replica_id == victim.replica_id]
+    assert not after.accepting and after.running_requests == 0
+    client.drain()  # the whole cluster
+    with pytest.raises(ClientError) as err:
+        client.complete(prompt_token_ids=[5, 6], max_tokens=2)
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details

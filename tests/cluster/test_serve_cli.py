@@ -22,6 +22,7 @@ from workers.engine.build import build_engine
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.timeout(600)
+DRAIN_GRACE_S = 30.0  # router.drain_grace_s default
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -84,6 +85,7 @@ def test_serve_grpcurl_generate_and_sigterm(tiny_checkpoint):
     model = tiny_checkpoint("qwen3_moe")
     port = free_port()
     server = _Server(["--model", str(model), "--port", str(port), "--http-port", str(free_port())])
+    streams: list[subprocess.Popen] = []
     try:
         ready = server.wait_for("ready on", 300)
         assert f":{port}" in ready
@@ -140,15 +142,40 @@ def test_serve_grpcurl_generate_and_sigterm(tiny_checkpoint):
         assert gen.returncode == 0, gen.stderr
         assert gen.stdout == want.text
         assert "[length, " in gen.stderr
+
+        # streams in flight when SIGTERM arrives finish (drain), then the process exits
+        long = [str(BIN / "moe-cluster"), "generate", "Once upon a time", "--port", str(port)]
+        long += ["--max-tokens", "150", "--temperature", "0", "--ignore-eos"]
+        streams += [
+            subprocess.Popen(long, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(3)
+        ]
+        assert streams[0].stdout is not None
+        streams[0].stdout.read(1)  # streaming now
     finally:
         server.proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
         try:
-            code = server.proc.wait(timeout=60)
+            code = server.proc.wait(timeout=DRAIN_GRACE_S + 10 + 30)
         except subprocess.TimeoutExpired:
             server.proc.kill()
-            pytest.fail("`moe-cluster serve` did not exit within 60 s of SIGTERM")
+            pytest.fail("`moe-cluster serve` did not exit within grace + 40 s of SIGTERM")
+    for p in streams:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0 and "+ 150 completion tokens]" in err, err
     server.wait_for("stopped", 10)
     assert code == 0
+    output = "".join(server.seen) + "".join(iter_queue(server.lines))
+    assert "failed to shut down" not in output, output[-2000:]
+    assert time.monotonic() - sent < DRAIN_GRACE_S + 40
+
+
+def iter_queue(q: queue.Queue[str]):
+    while True:
+        try:
+            yield q.get_nowait()
+        except queue.Empty:
+            return
 
 
 def _json_objects(text: str) -> list[dict]:

@@ -166,8 +166,10 @@ class Rank:
         self._put(_EndSession(session))
 
     def drain(self, grace_s: float) -> None:
-        """Stop admitting (new submits are refused as DRAINING, so routers go elsewhere); the
-        requests held finish within `grace_s`, then the rest are handed back as MIGRATE."""
+        """Stop admitting new requests (refused as DRAINING, so routers go elsewhere; the
+        continuation of a request already running in the cluster, a handoff or a migration,
+        is still taken); the requests held finish within `grace_s`, then the rest are handed
+        back as MIGRATE."""
         self._accepting = False
         self._drain_deadline = time.monotonic() + grace_s
         self._wake.set()
@@ -275,7 +277,7 @@ class Rank:
     def _admit(self, cmd: _Submit, out: dict[str, list[Delta]]) -> None:
         m = cmd.msg
         self._state.admitted[cmd.session] += 1
-        if not self._accepting:
+        if not self._accepting and m.resume is None:  # continuations of admitted work go on
             out[cmd.session].append(Delta.ended(m.request_id, DRAINING, "the rank is draining"))
             return
         try:
