@@ -116,11 +116,12 @@ class _Stage(_Schema):
         description="intra-op threads per rank; None: int(num_cpus_per_rank), >= 1",
     )
     collective_timeout_s: float = Field(
-        default=60.0,
+        default=10.0,
         gt=0,
-        description="a gang collective that waits longer than this fails the gang (a stuck or "
-        "dead peer); Serve then replaces the gang and routers migrate its requests. Must exceed "
-        "the longest engine step",
+        description="a gang collective (the per-step work flag, each MoE layer's all-to-all) "
+        "that waits longer than this fails the gang (a stuck peer; a dead one fails it at once): "
+        "its requests migrate and Serve replaces the gang. Must exceed one layer's compute on "
+        "the busiest rank",
     )
     autoscaling: _Autoscaling | None = Field(default=None, description="None: fixed num_gangs")
 

@@ -74,6 +74,7 @@ class ExpertParallelRank:
         engine_config: EngineConfig | None = None,
         threads: int = 1,
         timeout_s: float = 120.0,
+        collective_timeout_s: float | None = None,
         device: str = "cpu",
         backend: str = "auto",
         num_redundant: int | None = None,
@@ -109,6 +110,13 @@ class ExpertParallelRank:
         self.load = self.engine.model.track_expert_load(load_window)  # this rank's tokens only
         self.lockstep = Lockstep(self.engine)
         self.rebalances: list[RebalanceReport] = []
+        if collective_timeout_s is not None:
+            # joining and loading may wait long for slow peers (timeout_s); once every rank has
+            # loaded, a collective that waits this long means a stuck peer: fail fast instead
+            dist.barrier()
+            set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+            if set_timeout is not None:
+                set_timeout(datetime.timedelta(seconds=collective_timeout_s))
 
     def ready(self) -> int:
         """Returns this rank once construction (group join, weight loading) is done."""

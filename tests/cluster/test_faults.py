@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import pytest
@@ -181,19 +182,25 @@ class _Streams:
         self._pool.shutdown()
 
 
-def test_killed_decode_rank_loses_no_stream(client, target, model_dir):
+def _decoding(target, client, model_dir, n: int, seed: int) -> tuple[_Streams, list, Any]:
+    """n greedy streams decoding (most of them on decode ranks now), their offline tokens and
+    the decode rank holding the most of them."""
     _wait(client, _healthy_and_idle, "a healthy idle cluster")
-    prompts = _prompts(8, 12, seed=1)
+    prompts = _prompts(n, 12, seed=seed)
     ref = _reference(model_dir, prompts, GREEDY)
     streams = _Streams(target, prompts)
     streams.wait_started()
     ranks = _wait(
         client,
-        lambda rs: sum(r.running_requests for r in rs.get("decode", [])) >= 6,
+        lambda rs: sum(r.running_requests for r in rs.get("decode", [])) >= n - 2,
         "the streams decoding",
         timeout_s=60,
     )
-    victim = max(ranks["decode"], key=lambda r: r.running_requests)
+    return streams, ref, max(ranks["decode"], key=lambda r: r.running_requests)
+
+
+def test_killed_decode_rank_loses_no_stream(client, target, model_dir):
+    streams, ref, victim = _decoding(target, client, model_dir, 8, seed=1)
     os.kill(_replica_pids()[victim.replica_id], signal.SIGKILL)
     streams.join()
     assert streams.errors == [None] * 8
@@ -334,18 +341,7 @@ def test_drain_finishes_in_flight_streams_and_turns_new_work_away(client, target
     """Drain one decode rank with streams on it: they finish (within router.drain_grace_s) with
     the fault-free tokens, new streams go to the other ranks; then drain the whole cluster: new
     requests get UNAVAILABLE at once. The module's last test: the drained ranks stay drained."""
-    _wait(client, _healthy_and_idle, "a healthy idle cluster")
-    prompts = _prompts(6, 12, seed=5)
-    ref = _reference(model_dir, prompts, GREEDY)
-    streams = _Streams(target, prompts)
-    streams.wait_started()
-    ranks = _wait(
-        client,
-        lambda rs: sum(r.running_requests for r in rs.get("decode", [])) >= 5,
-        "the streams decoding",
-        timeout_s=60,
-    )
-    victim = max(ranks["decode"], key=lambda r: r.running_requests)
+    streams, ref, victim = _decoding(target, client, model_dir, 6, seed=5)
     drained = client.drain([victim.replica_id])
     assert list(drained.replica_ids) == [victim.replica_id] and drained.running_requests > 0
     with pytest.raises(ClientError) as err:

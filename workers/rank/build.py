@@ -62,7 +62,8 @@ def start_rank(
             dtype=dtype,
             engine_config=engine_config,
             threads=threads,
-            timeout_s=collective_timeout_s,
+            timeout_s=max(120.0, collective_timeout_s),
+            collective_timeout_s=collective_timeout_s,
             device=device,
         )
         rank = Rank(

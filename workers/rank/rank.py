@@ -33,6 +33,7 @@ from workers.messages import (
     FULL,
     INVALID,
     MIGRATE,
+    Abort,
     Delta,
     KVRef,
     RankLoad,
@@ -71,11 +72,6 @@ class _Submit:
     session: str
     msg: Submit
     kv: Sequence[torch.Tensor] | None
-
-
-@dataclass(frozen=True)
-class _Abort:
-    request_id: str
 
 
 @dataclass(frozen=True)
@@ -136,7 +132,7 @@ class Rank:
         self._dispatch_bytes = dispatch_bytes
         self._close_group = close_group
         self._backoff = backoff or IdleBackoff()
-        self._inbox: queue.SimpleQueue[_Submit | _Abort | _EndSession] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Submit | Abort | _EndSession] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._leave = threading.Event()
@@ -159,7 +155,7 @@ class Rank:
         self._put(_Submit(session, msg, kv))
 
     def abort(self, request_id: str) -> None:
-        self._put(_Abort(request_id))
+        self._put(Abort(request_id))
 
     def end_session(self, session: str) -> None:
         """The router behind `session` is gone: abort its requests, drop its handoffs."""
@@ -202,7 +198,7 @@ class Rank:
         if not self._thread.is_alive() and not (self._stop.is_set() or self._leave.is_set()):
             raise RuntimeError(f"{self.member.stage} rank loop stopped: its gang stopped")
 
-    def _put(self, cmd: _Submit | _Abort | _EndSession) -> None:
+    def _put(self, cmd: _Submit | Abort | _EndSession) -> None:
         self._inbox.put(cmd)
         self._wake.set()
 
@@ -261,7 +257,7 @@ class Rank:
                 cmd = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(cmd, _Abort):
+            if isinstance(cmd, Abort):
                 self.engine.abort(cmd.request_id)
                 self._state.held.pop(cmd.request_id, None)
             elif isinstance(cmd, _EndSession):
