@@ -3,7 +3,8 @@
 Deploys the default shape plus a second decode gang (1 prefill gang x 2 ranks, 2 decode gangs x
 2 ranks, tiny DeepSeek-V3 with a 4k context) in this script's own Ray, then, for each kind of
 fault in turn (a decode rank, a prefill rank, the Router replica), `--kills` times: starts N
-greedy streams, SIGKILLs one replica process by PID while they stream, and reports
+greedy streams, SIGKILLs one replica process by PID while they stream (or SIGSTOPs a decode
+rank: a stuck peer, found by missed heartbeats and collective timeouts), and reports
 - lost: streams that ended with an error (for the Router kill, UNAVAILABLE is the contract; any
   other code counts as wrong),
 - mismatched: streams whose tokens differ from the offline engine (duplicated or missing tokens
@@ -20,6 +21,7 @@ prefill and decode, mid-stream) and the KV blocks / requests still held 2 s late
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import signal
@@ -111,7 +113,7 @@ def _fault(kind: str, target: str, c: InferenceClient, prompts, ref) -> dict:
     if kind == "Router":
         victim = next(rid for rid, (dep, _) in replicas.items() if dep == "Router")
     else:
-        stage = "decode" if kind == "DecodeRank" else "prefill"
+        stage = "prefill" if kind == "PrefillRank" else "decode"
         key = (
             (lambda r: r.running_requests)
             if stage == "decode"
@@ -119,9 +121,13 @@ def _fault(kind: str, target: str, c: InferenceClient, prompts, ref) -> dict:
         )
         victim = max(ranks[stage], key=key).replica_id
     killed_at = time.monotonic()
-    os.kill(replicas[victim][1], signal.SIGKILL)
+    pid = replicas[victim][1]
+    os.kill(pid, signal.SIGSTOP if kind == "FrozenDecodeRank" else signal.SIGKILL)
     for s in streams:
         s.thread.join(600)
+    if kind == "FrozenDecodeRank":
+        with contextlib.suppress(ProcessLookupError):  # Serve may have replaced it already
+            os.kill(pid, signal.SIGCONT)
     back = _recovery_time(c, killed_at)
     gaps = [b - a for s in streams for a, b in zip(s.times, s.times[1:], strict=False)]
     lost = [s.error for s in streams if s.error is not None]
@@ -227,7 +233,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--kills", type=int, default=3)
     ap.add_argument("--fuzz", type=int, default=1000)
-    ap.add_argument("--kinds", default="DecodeRank,PrefillRank,Router")
+    ap.add_argument("--kinds", default="DecodeRank,PrefillRank,Router,FrozenDecodeRank")
     args = ap.parse_args()
     model = Path(tempfile.mkdtemp()) / "tiny"
     make_tiny("deepseek_v3", model, seed=1, overrides={"max_position_embeddings": 4096})

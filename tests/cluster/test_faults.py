@@ -208,6 +208,22 @@ def test_killed_decode_rank_loses_no_stream(client, target, model_dir):
     _wait(client, _healthy_and_idle, "the decode gang back and every rank idle")
 
 
+def test_frozen_decode_rank_is_detected_and_loses_no_stream(client, target, model_dir):
+    """SIGSTOP (a stuck peer, not a dead one): its channel misses its heartbeats for
+    router.rank_timeout_s and its gang peer's collectives time out after
+    decode.collective_timeout_s; both hand their streams back, which finish elsewhere."""
+    streams, ref, victim = _decoding(target, client, model_dir, 8, seed=7)
+    pid = _replica_pids()[victim.replica_id]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        streams.join()
+    finally:
+        os.kill(pid, signal.SIGCONT)  # if Serve has not replaced it yet
+    assert streams.errors == [None] * 8
+    assert streams.tokens == ref
+    _wait(client, _healthy_and_idle, "the frozen rank's gang replaced and every rank idle")
+
+
 def test_killed_prefill_rank_during_prefill_loses_no_stream(client, target, model_dir):
     _wait(client, _healthy_and_idle, "a healthy idle cluster")
     prompts = _prompts(8, 400, seed=2)  # 13 prefill steps each at 32 tokens per step

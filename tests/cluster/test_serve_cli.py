@@ -150,8 +150,9 @@ def test_serve_grpcurl_generate_and_sigterm(tiny_checkpoint):
             subprocess.Popen(long, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(3)
         ]
-        assert streams[0].stdout is not None
-        streams[0].stdout.read(1)  # streaming now
+        for p in streams:
+            assert p.stdout is not None
+            p.stdout.read(1)  # streaming now
     finally:
         server.proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
