@@ -179,3 +179,25 @@ def test_bad_input_at_the_rank_is_a_request_error(ranks):
 
     err = asyncio.run(asyncio.wait_for(main(), WAIT_S))
     assert err.status == "INVALID_ARGUMENT" and "vocabulary" in str(err)
+
+
+def test_beyond_max_migrations_the_request_is_unavailable(ranks):
+    """router.max_migrations = 0: the first lost rank ends the request with UNAVAILABLE and a
+    sentence naming the limit; the rank it would have moved to holds nothing."""
+
+    async def main():
+        d = await _directory(ranks)
+        state = RequestState("limited", PROMPTS[0], GREEDY, max_migrations=0)
+        try:
+            with pytest.raises(RequestFailed) as err:
+                async with contextlib.aclosing(run_request(d, state)) as stream:
+                    async for _ in stream:
+                        if len(state.delivered) == 3:  # decoding now: its rank goes away
+                            holder = next(ranks[k] for k in ("d0", "d1") if d.channels[k].requests)
+                            holder.channel.close()
+            return err.value
+        finally:
+            d.close()
+
+    err = asyncio.run(asyncio.wait_for(main(), WAIT_S))
+    assert err.status == "UNAVAILABLE" and "router.max_migrations (0)" in str(err)
