@@ -28,12 +28,12 @@ import grpc
 import pytest
 from ray._private import state as ray_state
 
-from cluster.config import ClusterConfig
 from cluster.launch import deploy, undeploy
 from cluster.net import free_port
 from cluster.tiny import make_tiny
 from router.client import ClientError, InferenceClient
 from router.proto import inference_pb2 as pb
+from tests.cluster.shapes import two_stage_config
 from workers.engine import SamplingParams
 from workers.engine.build import build_engine
 
@@ -51,24 +51,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def target(model_dir, ray_cluster):
     port = free_port()
-    cfg = ClusterConfig.from_args(
-        {
-            "model": {"path": str(model_dir)},
-            "prefill": {
-                "gang_size": 2,
-                "step_token_budget": 32,
-                "num_cpus_per_rank": 0.01,
-                "kv_cache_bytes": 32 << 20,
-            },
-            "decode": {
-                "gang_size": 2,
-                "num_gangs": 2,
-                "block_size": 4,
-                "kv_blocks": 2048,
-                "num_cpus_per_rank": 0.01,
-            },
-            "router": {"port": port, "request_timeout_s": 240, "max_queued_requests": 256},
-        }
+    cfg = two_stage_config(
+        model_dir, port, step_token_budget=32, request_timeout_s=240, max_queued_requests=256
     )
     deploy(cfg, http_port=free_port(), timeout_s=300)
     yield f"localhost:{port}"
@@ -153,15 +137,15 @@ class _Streams:
         self.errors: list[ClientError | None] = [None] * len(prompts)
         self.started = [threading.Event() for _ in prompts]
         self._pool = ThreadPoolExecutor(len(prompts))
-        self._futures = [
-            self._pool.submit(self._run, target, i, p) for i, p in enumerate(prompts)
-        ]
+        self._futures = [self._pool.submit(self._run, target, i, p) for i, p in enumerate(prompts)]
 
     def _run(self, target: str, i: int, prompt: list[int]) -> None:
         with InferenceClient(target, timeout_s=240) as c:
             try:
                 for chunk in c.generate(
-                    prompt_token_ids=prompt, max_tokens=NEW_TOKENS, temperature=0.0,
+                    prompt_token_ids=prompt,
+                    max_tokens=NEW_TOKENS,
+                    temperature=0.0,
                     ignore_eos=True,
                 ):
                     self.tokens[i] += chunk.token_ids

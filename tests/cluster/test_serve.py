@@ -18,13 +18,13 @@ import pytest
 import ray
 
 from cluster.app import APP_NAME
-from cluster.config import ClusterConfig
 from cluster.launch import deploy, undeploy
 from cluster.net import free_port
 from cluster.offline import PromptSpec, run_offline
 from cluster.tiny import make_tiny
 from router.client import ClientError, InferenceClient
 from router.proto import inference_pb2 as pb
+from tests.cluster.shapes import two_stage_config
 from workers.engine import SamplingParams
 from workers.engine.build import build_engine
 
@@ -59,25 +59,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster(model_dir, ray_cluster):
     port = free_port()
-    cfg = ClusterConfig.from_args(
-        {
-            "model": {"path": str(model_dir)},
-            "prefill": {
-                "gang_size": 2,
-                "num_gangs": 1,
-                "step_token_budget": 16,
-                "num_cpus_per_rank": 0.01,
-                "kv_cache_bytes": 32 << 20,
-            },
-            "decode": {
-                "gang_size": 2,
-                "num_gangs": 2,
-                "block_size": 4,
-                "kv_blocks": 2048,
-                "num_cpus_per_rank": 0.01,
-            },
-            "router": {"port": port, "auth_tokens": [TOKEN], "max_queued_requests": MAX_INFLIGHT},
-        }
+    cfg = two_stage_config(
+        model_dir, port, step_token_budget=16, auth_tokens=[TOKEN], max_queued_requests=MAX_INFLIGHT
     )
     deploy(cfg, http_port=free_port(), timeout_s=300)
     yield f"localhost:{port}"
