@@ -192,7 +192,9 @@ class InferenceServicer:
                 grpc.StatusCode.UNAVAILABLE,
                 "the cluster status is not available yet; retry in a few seconds",
             )
-        return cluster_status_message(statuses)
+        status = cluster_status_message(statuses)
+        status.router_requests = self.inflight
+        return status
 
     async def Drain(  # noqa: N802
         self, request: pb.DrainRequest, grpc_context: Any = None

@@ -267,6 +267,7 @@ def test_cancel_storm_frees_everything_within_2s(client, target):
     cancelled = time.monotonic()
     _wait(client, _healthy_and_idle, "0 KV blocks and 0 requests after the storm", timeout_s=30)
     assert time.monotonic() - cancelled <= 2.5  # 2 s + one status report period
+    assert client.cluster_status().router_requests == 0  # no Generate call left in progress
 
 
 @pytest.mark.parametrize(
