@@ -141,7 +141,8 @@ class _RankServer:
         self._stop.set()
         rank = self.serving.rank
         with contextlib.suppress(Exception):
-            registry(self._app).forget.remote(self.serving.address.replica_id)
+            address = self.serving.address  # the gang is leaving: its rendezvous goes too
+            registry(self._app).forget.remote(address.replica_id, address.gang_id)
         rank.drain(self._grace_s)
         deadline = time.monotonic() + self._grace_s + 5
         while rank.num_held and time.monotonic() < deadline and rank.failed is None:

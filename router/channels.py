@@ -34,13 +34,9 @@ from workers.messages import (
 )
 from workers.wire import ChannelClosed, read_frame, write_frame
 
-__all__ = ["NoRankError", "RankChannel", "RankDirectory"]
+__all__ = ["RankChannel", "RankDirectory"]
 
 log = logging.getLogger("moe_cluster.router")
-
-
-class NoRankError(RuntimeError):
-    """No healthy rank of a stage appeared before the caller's deadline."""
 
 
 class RankChannel:
@@ -274,6 +270,3 @@ class RankDirectory:
     def statuses(self) -> list[RankStatus]:
         """The latest full status of every connected rank."""
         return [ch.status for ch in self.channels.values() if ch.alive and ch.status is not None]
-
-    def num_held(self) -> int:
-        return sum(len(ch.requests) for ch in self.channels.values())

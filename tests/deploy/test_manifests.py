@@ -29,6 +29,7 @@ from ray.serve.schema import (
 )
 
 from cluster.config import ClusterConfig
+from cluster.launch import grpc_message_limit
 from router.proto import SERVICER_FUNCTION
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -291,6 +292,17 @@ def test_every_container_requests_what_it_limits(path: Path) -> None:
             assert res.get("requests") and res.get("requests") == res.get("limits"), (
                 f"{name}/{c['name']}: requests must equal limits (Guaranteed QoS)"
             )
+
+
+@pytest.mark.parametrize("path", [CPU_SHAPE, GPU_SHAPE], ids=lambda p: p.name)
+def test_grpc_message_limit_follows_the_config(path: Path) -> None:
+    """Every Ray container gives Serve's gRPC proxy the limit `moe-cluster serve` would set."""
+    service = _ray_service(path)
+    want = str(grpc_message_limit(_cluster_config(service)))
+    for name, group in _groups(service):
+        ray_container = group["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in ray_container.get("env", [])}
+        assert env.get("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE") == want, name
 
 
 @pytest.mark.parametrize("path", [CPU_SHAPE, GPU_SHAPE], ids=lambda p: p.name)

@@ -64,7 +64,6 @@ class RankSnapshot:
 
     load: RankLoad
     status: RankStatus | None  # refreshed every STATUS_PERIOD_S
-    num_preemptions: int = 0
 
 
 @dataclass(frozen=True)
@@ -311,9 +310,7 @@ class Rank:
         if now - self._status_at >= STATUS_PERIOD_S:
             self._status_at = now
             status = self._status(now)
-        self.snapshot = RankSnapshot(
-            self._load(), status, self.engine.scheduler.num_preemptions
-        )
+        self.snapshot = RankSnapshot(self._load(), status)
 
     def _load(self) -> RankLoad:
         s = self.engine.stats()
