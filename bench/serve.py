@@ -1,23 +1,29 @@
 """Serving benchmark: the cluster over gRPC vs the offline engine on the same workload.
 
-    python -m bench.serve [--arch deepseek_v3] [--preset bench] [--streams 1,8,32]
-                          [--prompt-len 64] [--new-tokens 64] [--threads 2]
+    python -m bench.serve [--arch deepseek_v3] [--preset bench] [--streams 1,8,32,128]
+                          [--prompt-len 64] [--new-tokens 128] [--gang-size 2]
+                          [--rank-threads 1] [--stream-interval 1]
 
 For each concurrency C, C gRPC streams start together (one request each, greedy, ignore-eos,
-random prompts of --prompt-len tokens) against `moe-cluster serve`'s default shape (1 prefill gang
-x 2 ranks, 1 decode gang x 2 ranks, gloo), deployed in this process's own Ray. Reported: output
-tokens/s (all tokens / wall time from the first send to the last token), time to first token and
-inter-token latency p50/p99 from the client's receive times. The offline engine then runs the
-same C prompts as one batch in this process (--threads torch threads) after the cluster is down,
-and the ratio is cluster / offline.
+random prompts of --prompt-len tokens; asyncio clients in this process) against the cluster:
+1 prefill gang and 1 decode gang of --gang-size ranks (gloo), deployed in this process's own
+Ray. Reported per C: output tokens/s (all tokens / wall time from the first send to the last
+token), time to first token and inter-token latency p50/p99 from the client's receive times,
+and the CPU each process spent per streamed token (psutil).
+
+The peer, after the cluster is down: the offline engine on the same C prompts as one batch, of
+the same expert-parallel size (`offline --ep N`: N Ray actors, one thread each, when
+--gang-size is N > 1; this process with --threads threads when it is 1), and the offline
+engine's own time to first token (this process, every prompt added at once, stepped until each
+has its first token).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +34,7 @@ from cluster.config import ClusterConfig
 from cluster.launch import deploy, undeploy
 from cluster.net import free_port
 from cluster.tiny import make_tiny
-from router.client import InferenceClient
+from router.client import AsyncInferenceClient
 from workers.engine import SamplingParams
 from workers.engine.build import build_engine
 
@@ -49,48 +55,42 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def run_streams(target: str, prompts: list[list[int]], new: int) -> dict[str, float]:
+def run_streams(
+    target: str, prompts: list[list[int]], new: int, interval: int = 0
+) -> dict[str, float]:
     """C concurrent streams, one request each; latencies from the client's receive times."""
+    return asyncio.run(_streams(target, prompts, new, interval))
+
+
+async def _streams(target: str, prompts: list[list[int]], new: int, interval: int):
     ttft: list[float] = []
     itl: list[float] = []
     tokens = [0] * len(prompts)
-    errors: list[BaseException] = []
-    go = threading.Barrier(len(prompts) + 1)
-    lock = threading.Lock()
 
-    def one(i: int) -> None:
-        try:
-            with InferenceClient(target, timeout_s=600) as client:
-                go.wait(60)
-                sent = last = time.perf_counter()
-                gaps: list[float] = []
-                first = None
-                for chunk in client.generate(
-                    prompt_token_ids=prompts[i], max_tokens=new, temperature=0.0, ignore_eos=True
-                ):
-                    now = time.perf_counter()
-                    if first is None:
-                        first = now - sent
-                    else:
-                        gaps.append((now - last) / max(1, len(chunk.token_ids)))
-                    last = now
-                    tokens[i] += len(chunk.token_ids)
-                with lock:
-                    ttft.append(first if first is not None else float("nan"))
-                    itl.extend(gaps)
-        except BaseException as e:  # reported after the run
-            errors.append(e)
+    async def one(client: AsyncInferenceClient, i: int) -> None:
+        sent = last = time.perf_counter()
+        first = None
+        async for chunk in client.generate(
+            prompt_token_ids=prompts[i],
+            max_tokens=new,
+            temperature=0.0,
+            ignore_eos=True,
+            stream_interval=interval,
+        ):
+            now = time.perf_counter()
+            if first is None:
+                first = now - sent
+            elif chunk.token_ids:
+                itl.append((now - last) / len(chunk.token_ids))
+            last = now
+            tokens[i] += len(chunk.token_ids)
+        ttft.append(first if first is not None else float("nan"))
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    go.wait(60)
-    start = time.perf_counter()
-    for t in threads:
-        t.join(900)
-    elapsed = time.perf_counter() - start
-    if errors:
-        raise RuntimeError(f"{len(errors)} streams failed, first: {errors[0]!r}")
+    async with AsyncInferenceClient(target, timeout_s=900) as client:
+        await client.model_info()  # the channel is connected before the clock starts
+        start = time.perf_counter()
+        await asyncio.gather(*(one(client, i) for i in range(len(prompts))))
+        elapsed = time.perf_counter() - start
     assert sum(tokens) == new * len(prompts), tokens
     return {
         "tok_s": sum(tokens) / elapsed,
@@ -101,6 +101,18 @@ def run_streams(target: str, prompts: list[list[int]], new: int) -> dict[str, fl
     }
 
 
+LABELS = (
+    "PrefillRank",
+    "DecodeRank",
+    "Router",
+    "ProxyActor",
+    "ServeController",
+    "raylet",
+    "gcs_server",
+    "bench.serve",
+)
+
+
 def cpu_seconds() -> dict[str, float]:
     """CPU seconds used so far by each process on this machine, keyed by a short label."""
     import psutil
@@ -108,39 +120,52 @@ def cpu_seconds() -> dict[str, float]:
     out: dict[str, float] = {}
     for proc in psutil.process_iter(["cmdline", "cpu_times"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        label = next(
-            (
-                k
-                for k in (
-                    "PrefillRank",
-                    "DecodeRank",
-                    "Router",
-                    "ProxyActor",
-                    "ServeController",
-                    "raylet",
-                    "gcs_server",
-                    "bench.serve",
-                )
-                if k in cmd
-            ),
-            "other",
-        )
+        label = next((k for k in LABELS if k in cmd), "other")
         t = proc.info["cpu_times"]
         if t is not None:
             out[label] = out.get(label, 0.0) + t.user + t.system
     return out
 
 
-def run_offline(path: Path, prompts: list[list[int]], new: int) -> float:
-    engine = build_engine(path, progress=False)
-    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
-    engine.generate([(prompts[0], SamplingParams(max_tokens=2))])  # warm-up
+def offline_ttft(engine, prompts: list[list[int]]) -> tuple[float, float]:
+    """The offline engine's time to first token (p50, p99 ms): every prompt added at once."""
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    ids = [f"ttft-{i}" for i in range(len(prompts))]
     start = time.perf_counter()
-    outs = engine.generate([(p, params) for p in prompts])
-    elapsed = time.perf_counter() - start
+    for rid, p in zip(ids, prompts, strict=True):
+        engine.add_request(rid, params, prompt_token_ids=p)
+    first: dict[str, float] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.token_ids and out.request_id not in first:
+                first[out.request_id] = time.perf_counter() - start
+    times = [first[r] for r in ids]
+    return percentile(times, 50) * 1e3, percentile(times, 99) * 1e3
+
+
+def run_offline(path: Path, prompts: list[list[int]], new: int, ep: int) -> float:
+    """Offline tok/s of the same prompts as one batch: this process (ep 1) or an EP group."""
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    if ep > 1:
+        from cluster.ep_offline import ExpertParallelGroup
+        from cluster.offline import PromptSpec
+
+        specs = [PromptSpec(f"p{i}", p, params) for i, p in enumerate(prompts)]
+        with ExpertParallelGroup(path, ep) as group:
+            group.ready()
+            group.generate(specs[:1])  # warm-up
+            start = time.perf_counter()
+            outs = group.generate(specs)
+            elapsed = time.perf_counter() - start
+    else:
+        engine = build_engine(path, progress=False)
+        engine.generate([(prompts[0], SamplingParams(max_tokens=2))])  # warm-up
+        start = time.perf_counter()
+        outs = engine.generate([(p, params) for p in prompts])
+        elapsed = time.perf_counter() - start
+        del engine
+        gc.collect()
     assert all(len(o.token_ids) == new for o in outs)
-    del engine
-    gc.collect()
     return new * len(prompts) / elapsed
 
 
@@ -148,12 +173,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--arch", default="deepseek_v3")
     ap.add_argument("--preset", default="bench", choices=["tiny", "bench"])
-    ap.add_argument("--streams", default="1,8,32")
+    ap.add_argument("--streams", default="1,8,32,128")
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the offline engine")
     ap.add_argument("--gang-size", type=int, default=2, help="ranks per prefill and decode gang")
     ap.add_argument("--rank-threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--stream-interval", type=int, default=0, help="0: the cluster default (1)")
+    ap.add_argument("--config", type=json.loads, default={}, help="JSON merged into the config")
     args = ap.parse_args()
     levels = [int(s) for s in args.streams.split(",")]
     path = checkpoint(args.arch, args.preset)
@@ -164,53 +191,69 @@ def main() -> None:
     }
 
     port = free_port()
-    cfg = ClusterConfig.from_args(
-        {
-            "model": {"path": str(path)},
-            "prefill": {"gang_size": args.gang_size, "torch_threads": args.rank_threads},
-            "decode": {"gang_size": args.gang_size, "torch_threads": args.rank_threads},
-            "router": {"port": port},
-        }
-    )
+    base = {
+        "model": {"path": str(path)},
+        "prefill": {"gang_size": args.gang_size, "torch_threads": args.rank_threads},
+        "decode": {"gang_size": args.gang_size, "torch_threads": args.rank_threads},
+        "router": {"port": port},
+    }
+    for section, values in args.config.items():
+        base.setdefault(section, {}).update(values)
+    cfg = ClusterConfig.from_args(base)
     ray.init(include_dashboard=False, log_to_driver=False)
     served: dict[int, dict[str, float]] = {}
+    cpu: dict[int, dict[str, float]] = {}
     try:
         deploy(cfg, http_port=free_port(), timeout_s=900)
         target = f"localhost:{port}"
         run_streams(target, workloads[levels[0]][:1], 4)  # warm-up
         for c in levels:
             cpu0 = cpu_seconds()
-            served[c] = run_streams(target, workloads[c], args.new_tokens)
+            served[c] = run_streams(target, workloads[c], args.new_tokens, args.stream_interval)
             cpu1 = cpu_seconds()
-            use = {
-                k: round(cpu1[k] - cpu0.get(k, 0.0), 1)
-                for k in cpu1
-                if cpu1[k] > cpu0.get(k, 0.0) + 0.05
-            }
-            print(
-                f"cluster {c:>3} streams: {served[c]}\n  CPU seconds by process: {use}", flush=True
-            )
+            n = c * args.new_tokens
+            cpu[c] = {k: (cpu1[k] - cpu0.get(k, 0.0)) / n * 1e6 for k in cpu1}
+            print(f"cluster {c:>3} streams: {served[c]}", flush=True)
     finally:
         undeploy()
         ray.shutdown()
 
     torch.set_num_threads(args.threads)
+    ep = args.gang_size
     print(
         f"\n{args.arch} ({args.preset} preset), prompt {args.prompt_len} tokens, "
-        f"{args.new_tokens} new tokens per stream, greedy fp32; cluster: prefill 1 gang x "
-        f"{args.gang_size}, decode 1 gang x {args.gang_size} ({args.rank_threads} threads/rank)"
+        f"{args.new_tokens} new tokens per stream, greedy fp32, stream_interval "
+        f"{args.stream_interval or 1}; cluster: prefill 1 gang x {ep}, decode 1 gang x {ep} "
+        f"({args.rank_threads} threads/rank); offline: --ep {ep}"
     )
     print(
-        "| streams | cluster tok/s | offline tok/s | ratio | TTFT p50 / p99 ms | ITL p50 / p99 ms |"
+        "| streams | cluster tok/s | offline tok/s | ratio | TTFT p50 / p99 ms | "
+        "offline TTFT p50 / p99 ms | ITL p50 / p99 ms |"
     )
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    engine = build_engine(path, progress=False)
+    ttft_off = {c: offline_ttft(engine, workloads[c]) for c in levels}
+    del engine
+    gc.collect()
     for c in levels:
-        off = run_offline(path, workloads[c], args.new_tokens)
+        off = run_offline(path, workloads[c], args.new_tokens, ep)
         s = served[c]
         ttft = f"{s['ttft_p50']:.0f} / {s['ttft_p99']:.0f}"
+        ttft_o = f"{ttft_off[c][0]:.0f} / {ttft_off[c][1]:.0f}"
         itl = f"{s['itl_p50']:.1f} / {s['itl_p99']:.1f}"
         ratio = s["tok_s"] / off
-        print(f"| {c} | {s['tok_s']:.1f} | {off:.1f} | {ratio:.2f}x | {ttft} | {itl} |", flush=True)
+        print(
+            f"| {c} | {s['tok_s']:.1f} | {off:.1f} | {ratio:.2f}x | {ttft} | {ttft_o} | {itl} |",
+            flush=True,
+        )
+    shown = [k for k in LABELS if any(cpu[c].get(k, 0.0) >= 1 for c in levels)] + ["other"]
+    print("\nCPU µs per streamed token, by process")
+    print("| streams | " + " | ".join(shown) + " | Router + ingress |")
+    print("|---:|" + "---:|" * (len(shown) + 1))
+    for c in levels:
+        row = " | ".join(f"{cpu[c].get(k, 0.0):.0f}" for k in shown)
+        hop = cpu[c].get("Router", 0.0) + cpu[c].get("ProxyActor", 0.0)
+        print(f"| {c} | {row} | **{hop:.0f}** |", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ Three deployments:
 - `PrefillRank` and `DecodeRank`: one replica per rank, gang-scheduled (gang size = the
   expert-parallel size, PACK or SPREAD); a gang is one torch.distributed group whose ranks meet
   through the application's `GangRegistry`. Scaling is in whole gangs.
-- `Router`: the gRPC ingress behind Serve's gRPC proxy (`InferenceServicer`). It reaches the
-  ranks over one channel per rank (`router/channels.py`), not through Serve handles: it learns
-  where they listen from the registry, balances each stage itself and migrates requests.
+- `Router`: the gRPC front door. It serves `moe.v1.Inference` on `router.port` itself
+  (`router/server.py`, on the head node; Serve's gRPC proxy is not used) and reaches the ranks
+  over one channel per rank (`router/channels.py`), not through Serve handles: it learns where
+  they listen from the registry, balances each stage itself and migrates requests.
 
 The wrappers here stay thin: a rank is `workers.rank`, the API is `router.servicer`.
 """
@@ -29,6 +30,7 @@ from cluster.registry import REPORT_PERIOD_S, gang_init_method, registry
 from router.channels import RankDirectory
 from router.metrics import RouterMetrics
 from router.requests import StopLimits
+from router.server import GrpcFrontDoor
 from router.servicer import InferenceServicer, ModelDescription, RouterSettings
 from workers.engine import EngineConfig, SchedulerConfig
 from workers.engine.build import load_tokenizer
@@ -45,6 +47,7 @@ APP_NAME = "moe-cluster"
 # A rank being scaled away drains first: Serve waits for its destructor up to
 # graceful_shutdown_timeout_s = router.drain_grace_s + this margin, then force-kills.
 GRACEFUL_MARGIN_S = 30.0
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's built-in resource of the head node
 
 
 def engine_config(cfg: ClusterConfig, stage: str) -> EngineConfig:
@@ -55,6 +58,7 @@ def engine_config(cfg: ClusterConfig, stage: str) -> EngineConfig:
         sched = SchedulerConfig(
             max_num_batched_tokens=cfg.prefill.step_token_budget,
             max_waiting=cfg.router.max_queued_requests,
+            max_prefill_chunk=cfg.prefill.max_prefill_chunk,
         )
         return EngineConfig(
             block_size=d.block_size,
@@ -161,7 +165,12 @@ class DecodeServer(_RankServer):
     stage = "decode"
 
 
-class RouterServer(InferenceServicer):
+class RouterServer:
+    """The gRPC front door as a Serve replica: serves `moe.v1.Inference` on `router.port` itself
+    (`router/server.py`; no Serve proxy hop) and runs every request over the rank channels.
+    Serve starts, health-checks, scales and replaces it; on shutdown it stops admitting and lets
+    the streams in progress finish for up to `router.drain_grace_s`."""
+
     def __init__(self, prefill: Any, decode: Any, args: dict[str, Any]) -> None:
         cfg = ClusterConfig.from_args(args)
         model_cfg = load_config(cfg.model.path)
@@ -175,7 +184,7 @@ class RouterServer(InferenceServicer):
         async def list_ranks() -> list[RankAddress]:
             return await registry(app).ranks.remote()
 
-        def directory() -> RankDirectory:  # made on the event loop that serves the requests
+        def directory() -> RankDirectory:  # made on the front door's event loop
             if not directories:
                 directories.append(
                     RankDirectory(
@@ -188,7 +197,7 @@ class RouterServer(InferenceServicer):
                 )
             return directories[0]
 
-        super().__init__(
+        self.servicer = InferenceServicer(
             directory,
             tokenizer=load_tokenizer(cfg.model.path),
             limits=PromptLimits(int(model_cfg.vocab_size), max_len, r.max_prompt_tokens),
@@ -209,9 +218,25 @@ class RouterServer(InferenceServicer):
                 max_migrations=r.max_migrations,
                 max_prompt_bytes=r.max_prompt_bytes,
                 drain_grace_s=r.drain_grace_s,
+                stream_interval=r.stream_interval,
             ),
             metrics=RouterMetrics(),
         )
+        self._grace_s = r.drain_grace_s
+        self.front_door = GrpcFrontDoor(
+            self.servicer,
+            port=r.port,
+            max_message_bytes=r.max_message_bytes,
+            on_loop_start=directory,  # channels open before the first request
+        ).start()
+
+    def check_health(self) -> None:
+        if not self.front_door.alive():
+            raise RuntimeError("the Router's gRPC server stopped")
+
+    def __del__(self) -> None:
+        """Serve's graceful shutdown: no new calls; those in progress get the drain grace."""
+        self.front_door.stop(self._grace_s)
 
 
 def _stage_options(cfg: ClusterConfig, stage: str) -> dict[str, Any]:
@@ -264,7 +289,10 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> serve.Application:
     router = serve.deployment(
         name="Router",
         num_replicas=1,
-        ray_actor_options={"num_cpus": 0.1},
-        max_ongoing_requests=cfg.router.max_queued_requests + 1,
+        # on the head node: its port is the cluster's gRPC endpoint (the head Service's target)
+        ray_actor_options={"num_cpus": 0.1, "resources": {HEAD_NODE_RESOURCE: 0.001}},
+        health_check_period_s=2.0,
+        graceful_shutdown_wait_loop_s=0.1,
+        graceful_shutdown_timeout_s=cfg.router.drain_grace_s + GRACEFUL_MARGIN_S,
     )(RouterServer)
     return router.bind(prefill.bind(plain), decode.bind(plain), plain)

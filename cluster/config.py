@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from router.requests import MAX_STREAM_INTERVAL
+
 __all__ = ["ClusterConfig", "ConfigError", "json_schema"]
 
 # flat CLI names -> field paths; `with_overrides` and `from_args` also take dotted paths
@@ -156,6 +158,12 @@ class PrefillConfig(_Stage):
     step_token_budget: int = Field(
         default=2048, gt=0, description="tokens one engine step computes (max_num_batched_tokens)"
     )
+    max_prefill_chunk: int = Field(
+        default=512,
+        gt=0,
+        description="most tokens of one prompt computed in a step while other prompts wait, so "
+        "a long prompt never holds back the first tokens of the short ones behind it",
+    )
     autoscaling: PrefillAutoscaling | None = Field(
         default=None, description="scale gangs on queued prompt tokens; None: fixed num_gangs"
     )
@@ -173,7 +181,7 @@ class DecodeConfig(_Stage):
 
 
 class RouterConfig(_Schema):
-    port: int = Field(default=9000, ge=1, le=65535, description="gRPC port (grpc_options.port)")
+    port: int = Field(default=9000, ge=1, le=65535, description="gRPC port the Router serves")
     auth_tokens: list[str] = Field(
         default_factory=list,
         repr=False,  # secrets stay out of logs
@@ -207,6 +215,13 @@ class RouterConfig(_Schema):
         description="on SIGTERM, scale-down or Drain: seconds in-flight requests may take to "
         "finish before they are migrated to other ranks or ended with UNAVAILABLE",
     )
+    stream_interval: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_STREAM_INTERVAL,
+        description="tokens per streamed message when a request does not set "
+        "sampling.stream_interval (the first token and the last message are always sent at once)",
+    )
     max_stop_strings: int = Field(default=16, ge=0, description="stop strings per request")
     max_stop_string_chars: int = Field(default=256, gt=0, description="characters per stop string")
     request_timeout_s: float = Field(
@@ -215,6 +230,12 @@ class RouterConfig(_Schema):
         description="seconds before a Generate call is stopped; a rank being scaled away waits "
         "this long (+30 s) for its in-flight requests",
     )
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Bytes one gRPC message may have: far above max_prompt_bytes (a big prompt gets the
+        router's INVALID_ARGUMENT naming `prompt`), far below gRPC's 2 GiB."""
+        return 16 * self.max_prompt_bytes + (1 << 20)
 
     @field_validator("auth_tokens")
     @classmethod

@@ -12,19 +12,12 @@ import time
 
 import ray
 from ray import serve
-from ray.serve.config import gRPCOptions
 
-from cluster.app import APP_NAME, build_app
+from cluster.app import APP_NAME, HEAD_NODE_RESOURCE, build_app
 from cluster.config import ClusterConfig
 from cluster.registry import drop_registry
-from router.proto import SERVICER_FUNCTION
 
-__all__ = ["DeployError", "deploy", "grpc_message_limit", "undeploy", "wait_running"]
-
-
-def grpc_message_limit(cfg: ClusterConfig) -> int:
-    """Bytes one gRPC message may have at Serve's proxy (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE)."""
-    return 16 * cfg.router.max_prompt_bytes + (1 << 20)
+__all__ = ["DeployError", "deploy", "head_node_ip", "undeploy", "wait_running"]
 
 
 class DeployError(RuntimeError):
@@ -38,18 +31,23 @@ def deploy(
     http_host: str = "127.0.0.1",
     timeout_s: float = 600.0,
 ) -> None:
-    """Start Serve (gRPC proxy on `router.port` with reflection, HTTP on `http_host:http_port`:
-    loopback unless asked, nothing is served over HTTP yet) on the
-    connected Ray, deploy the application and return once it serves requests."""
-    serve.start(
-        grpc_options=gRPCOptions(port=cfg.router.port, grpc_servicer_functions=[SERVICER_FUNCTION]),
-        http_options={"host": http_host, "port": http_port},
-    )
+    """Start Serve (HTTP on `http_host:http_port`: loopback unless asked, nothing is served over
+    HTTP yet; no gRPC proxy: the Router serves `router.port` itself) on the connected Ray,
+    deploy the application and return once it serves requests."""
+    serve.start(http_options={"host": http_host, "port": http_port})
     serve.run_many(
         [serve.RunTarget(build_app(cfg), name=APP_NAME, route_prefix="/")],
         wait_for_applications_running=False,
     )
     wait_running(timeout_s)
+
+
+def head_node_ip() -> str:
+    """Where the Router replicas run (and serve `router.port`): the Ray head node."""
+    for node in ray.nodes():
+        if node["Alive"] and HEAD_NODE_RESOURCE in node["Resources"]:
+            return str(node["NodeManagerAddress"])
+    raise DeployError("no live Ray head node found")
 
 
 def wait_running(timeout_s: float, app: str = APP_NAME) -> None:

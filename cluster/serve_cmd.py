@@ -68,31 +68,28 @@ def serve_command(args: argparse.Namespace) -> int:
 
     import ray
 
-    from cluster.launch import DeployError, deploy, grpc_message_limit, undeploy
+    from cluster.launch import DeployError, deploy, head_node_ip, undeploy
 
     def stop(signum: int, frame: Any) -> None:
         raise _Stop(signal.Signals(signum).name)
 
     embedded = args.address is None
-    # Serve's gRPC proxy reads its message limit from the environment at start: on purpose,
-    # far above router.max_prompt_bytes (so a big prompt gets the router's INVALID_ARGUMENT
-    # naming `prompt`) and far below the 2 GiB default. KubeRay pods set it in their env.
-    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(grpc_message_limit(cfg)))
     ray.init(address=args.address, log_to_driver=False)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     code = 0
+    host = "localhost"  # the Router serves router.port on the head node
     try:
         deploy(cfg, http_port=args.http_port, http_host=args.http_host, timeout_s=args.timeout)
-        host = "localhost" if embedded else ray.util.get_node_ip_address()
+        host = "localhost" if embedded else head_node_ip()
         print(f"moe-cluster serve: ready on {host}:{cfg.router.port}", flush=True)
         if args.demo:
-            _demo(f"localhost:{cfg.router.port}", args.demo, cfg.router.auth_tokens)
+            _demo(f"{host}:{cfg.router.port}", args.demo, cfg.router.auth_tokens)
         print("moe-cluster serve: serving until Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
         threading.Event().wait()  # until a signal raises _Stop
     except _Stop as e:
         print(f"moe-cluster serve: {e}: draining, then shutting down", file=sys.stderr, flush=True)
-        _drain(f"localhost:{cfg.router.port}", cfg.router.auth_tokens, cfg.router.drain_grace_s)
+        _drain(f"{host}:{cfg.router.port}", cfg.router.auth_tokens, cfg.router.drain_grace_s)
     except DeployError as e:
         print(f"moe-cluster serve: error: {e}", file=sys.stderr)
         code = 1

@@ -88,6 +88,7 @@ class GenerateOptions(TypedDict, total=False):
     stop_token_ids: Sequence[int]
     ignore_eos: bool
     logprobs: int | None
+    stream_interval: int
     timeout_s: float | None  # this call's deadline; None: the client's timeout_s
 
 
@@ -105,12 +106,14 @@ def generate_request(
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
     logprobs: int | None = None,
+    stream_interval: int = 0,  # 0: the cluster's router.stream_interval
 ) -> pb.GenerateRequest:
     """The request of these arguments. None leaves an optional field unset (the server applies
     its default); an explicit 0 is set (HasField tells them apart)."""
     sampling = pb.SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
         stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=logprobs,
+        stream_interval=stream_interval,
     )  # fmt: skip
     return pb.GenerateRequest(
         request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, sampling=sampling

@@ -115,9 +115,7 @@ async def _attempt(directory: RankDirectory, state: RequestState) -> AsyncIterat
             raise RequestFailed(
                 "RESOURCE_EXHAUSTED", f"the cluster is full ({d.error}); retry later"
             )
-        raise RequestFailed(
-            "INTERNAL", f"request {state.request_id} failed on its rank: {d.error}"
-        )
+        raise RequestFailed("INTERNAL", f"request {state.request_id} failed on its rank: {d.error}")
 
 
 def _check_migrations(state: RequestState, d: Delta) -> None:

@@ -13,9 +13,17 @@ from dataclasses import dataclass
 from workers.engine.inputs import PromptLimits, encode_prompt
 from workers.engine.params import InvalidRequestError, SamplingParams
 
-__all__ = ["ParsedGenerate", "StopLimits", "check_sizes", "parse_generate", "utf8_size"]
+__all__ = [
+    "MAX_STREAM_INTERVAL",
+    "ParsedGenerate",
+    "StopLimits",
+    "check_sizes",
+    "parse_generate",
+    "utf8_size",
+]
 
 DEFAULT_MAX_TOKENS = 16
+MAX_STREAM_INTERVAL = 1024  # tokens per streamed message, at most (request and config)
 
 
 @dataclass(frozen=True)
@@ -23,6 +31,7 @@ class ParsedGenerate:
     request_id: str  # the client's, or a fresh one
     prompt_token_ids: list[int]  # validated against the vocabulary and the context length
     params: SamplingParams  # validated
+    stream_interval: int = 0  # tokens per streamed message; 0: the cluster's default
 
 
 def _sampling(req) -> SamplingParams:
@@ -111,6 +120,13 @@ def parse_generate(
     except InvalidRequestError as e:
         message = str(e).removeprefix(f"{e.field}: ")
         raise InvalidRequestError(f"sampling.{e.field}", message) from None
+    interval = req.sampling.stream_interval
+    if not 0 <= interval <= MAX_STREAM_INTERVAL:
+        raise InvalidRequestError(
+            "sampling.stream_interval",
+            f"must be in [0, {MAX_STREAM_INTERVAL}] tokens per message (0: the cluster's "
+            f"default), got {interval}",
+        )
     ids = encode_prompt(tokenizer, limits, req.prompt or None, list(req.prompt_token_ids) or None)
     if len(ids) + params.max_tokens > limits.max_model_len:
         raise InvalidRequestError(
@@ -118,4 +134,4 @@ def parse_generate(
             f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
             f"length {limits.max_model_len}; lower max_tokens or shorten the prompt",
         )
-    return ParsedGenerate(req.request_id or new_id(), ids, params)
+    return ParsedGenerate(req.request_id or new_id(), ids, params, interval)

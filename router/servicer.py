@@ -5,8 +5,8 @@ Generate: authenticate -> size checks (before any work) -> admission -> validate
 (prefill rank, KV handoff, decode rank, migration when a rank is lost) -> each delta becomes
 one GenerateResponse.
 
-Every failure leaves as a gRPC status with one sentence: the code is set on the context and an
-exception raised (Serve drops a code set before a streaming method's first yield otherwise).
+Every failure raises `RequestFailed(status, one sentence)`; the gRPC server (`router/server.py`)
+turns it into the call's status.
 Cancellation (client cancel, deadline, `router.request_timeout_s`, a broken client connection)
 closes the request's stream, which aborts it on its rank and releases an unpulled handoff.
 """
@@ -28,6 +28,7 @@ from router.channels import RankDirectory
 from router.lifecycle import RequestFailed, RequestState, run_request
 from router.proto import inference_pb2 as pb
 from router.requests import StopLimits, check_sizes, parse_generate, utf8_size
+from router.streaming import messages
 from workers.engine.inputs import PromptLimits
 from workers.engine.params import InvalidRequestError
 from workers.messages import Delta, RankStatus
@@ -47,6 +48,7 @@ class RouterSettings:
     max_migrations: int = 3  # times one request may lose its rank before UNAVAILABLE
     max_prompt_bytes: int = 1 << 20  # UTF-8 bytes of a text prompt, checked before tokenizing
     drain_grace_s: float = 30.0  # what a drained rank's in-flight requests get to finish
+    stream_interval: int = 1  # tokens per message when the request does not say
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +62,7 @@ class ModelDescription:
     dtype: str
 
 
-def _fail(ctx: Any, code: grpc.StatusCode, message: str) -> NoReturn:
-    if ctx is not None:
-        ctx.set_code(code)
-        ctx.set_details(message)
+def _fail(code: grpc.StatusCode, message: str) -> NoReturn:
     raise RequestFailed(code.name, message)
 
 
@@ -96,17 +95,15 @@ class InferenceServicer:
         try:
             check_sizes(request, self.limits, self.settings.max_prompt_bytes)
         except InvalidRequestError as e:
-            _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            _fail(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if self.draining:
             _fail(
-                grpc_context,
                 grpc.StatusCode.UNAVAILABLE,
                 "the cluster is draining for maintenance and admits no new requests; retry "
                 "against another cluster or later",
             )
         if self.inflight >= self.settings.max_inflight:
             _fail(
-                grpc_context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self.inflight} requests in progress, the limit (router.max_queued_requests) "
                 "is reached; retry later",
@@ -124,7 +121,7 @@ class InferenceServicer:
                     stop_limits=self.settings.stop_limits,
                 )
             except InvalidRequestError as e:
-                _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                _fail(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             rid, n_prompt = parsed.request_id, len(parsed.prompt_token_ids)
             state = RequestState(
                 rid,
@@ -132,22 +129,20 @@ class InferenceServicer:
                 parsed.params,
                 max_migrations=self.settings.max_migrations,
             )
+            interval = parsed.stream_interval or self.settings.stream_interval
             async with asyncio.timeout(self.settings.request_timeout_s):
                 stream = run_request(self._directory(), state)
                 async with contextlib.aclosing(stream):
-                    async for delta in stream:
+                    async for delta in messages(stream, interval):
                         clock.tokens(delta)
                         yield _response(delta, n_prompt)
             done = True
         except TimeoutError:
             _fail(
-                grpc_context,
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"request ran longer than router.request_timeout_s "
                 f"({self.settings.request_timeout_s:g} s) and was stopped",
             )
-        except RequestFailed as e:
-            _fail(grpc_context, grpc.StatusCode[e.status], str(e))
         finally:
             self.inflight -= 1
             clock.finish(done)
@@ -158,14 +153,12 @@ class InferenceServicer:
         self._authenticate(grpc_context)
         if self.tokenizer is None:
             _fail(
-                grpc_context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "the served checkpoint has no tokenizer files; send prompt_token_ids instead",
             )
         size = utf8_size(request.text, self.settings.max_prompt_bytes)
         if size > self.settings.max_prompt_bytes:
             _fail(
-                grpc_context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"text: {size} bytes, at most {self.settings.max_prompt_bytes} are accepted "
                 "(router.max_prompt_bytes); send less text",
@@ -188,7 +181,6 @@ class InferenceServicer:
         except Exception as e:  # never INTERNAL with a traceback
             log.warning("cluster status unavailable: %r", e)
             _fail(
-                grpc_context,
                 grpc.StatusCode.UNAVAILABLE,
                 "the cluster status is not available yet; retry in a few seconds",
             )
@@ -204,7 +196,6 @@ class InferenceServicer:
         for i, rid in enumerate(request.replica_ids):
             if rid not in channels:
                 _fail(
-                    grpc_context,
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"replica_ids[{i}]: no serving rank has replica id {rid!r}; take the ids "
                     "from GetClusterStatus",
@@ -228,7 +219,6 @@ class InferenceServicer:
         header = metadata.get("authorization", "")
         if not header:
             _fail(
-                ctx,
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing `authorization: Bearer <token>` metadata; this cluster requires a token",
             )
@@ -239,7 +229,7 @@ class InferenceServicer:
         for t in self._tokens:
             ok |= hmac.compare_digest(given, t)
         if scheme.lower() != "bearer" or not ok:
-            _fail(ctx, grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not accepted")
+            _fail(grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not accepted")
 
 
 class _Clock:

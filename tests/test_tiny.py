@@ -81,8 +81,11 @@ def test_deterministic_across_processes(tmp_path):
     hashes = [
         subprocess.run(
             [sys.executable, "-c", code, str(tmp_path / str(i))],
-            capture_output=True, text=True, check=True,
-            env={**os.environ, "PYTHONHASHSEED": str(i)}, cwd=Path(__file__).parents[1],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(i)},
+            cwd=Path(__file__).parents[1],
         ).stdout.split()
         for i in range(2)
     ]
@@ -131,12 +134,19 @@ def test_deepseek_bias_changes_routing(tmp_path):
 
 def test_overrides(tmp_path):
     yarn = {
-        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-        "original_max_position_embeddings": 128, "beta_fast": 32.0, "beta_slow": 1.0,
-        "mscale": 1.0, "mscale_all_dim": 1.0,
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 128,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
     }
     out = make_tiny(
-        "deepseek_v3", tmp_path, tokenizer=False,
+        "deepseek_v3",
+        tmp_path,
+        tokenizer=False,
         overrides={"q_lora_rank": None, "rope_parameters": yarn},
     )
     config = AutoConfig.from_pretrained(out)

@@ -10,8 +10,4 @@ ruff and mypy; `inference_pb2.pyi` gives mypy the message types.
 
 from router.proto.gen.moe.v1 import inference_pb2, inference_pb2_grpc
 
-__all__ = ["SERVICER_FUNCTION", "inference_pb2", "inference_pb2_grpc"]
-
-# Import path of the function that registers the service on a grpc.Server, in the form Ray Serve's
-# `gRPCOptions(grpc_servicer_functions=[...])` wants (a string it imports in the proxy).
-SERVICER_FUNCTION = "router.ingress.add_servicer"
+__all__ = ["inference_pb2", "inference_pb2_grpc"]

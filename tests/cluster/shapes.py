@@ -12,7 +12,12 @@ __all__ = ["two_stage_config"]
 
 
 def two_stage_config(
-    model_dir: Path, port: int, *, step_token_budget: int, **router: Any
+    model_dir: Path,
+    port: int,
+    *,
+    step_token_budget: int,
+    max_prefill_chunk: int = 512,
+    **router: Any,
 ) -> ClusterConfig:
     return ClusterConfig.from_args(
         {
@@ -21,6 +26,7 @@ def two_stage_config(
                 "gang_size": 2,
                 "num_gangs": 1,
                 "step_token_budget": step_token_budget,
+                "max_prefill_chunk": max_prefill_chunk,
                 "num_cpus_per_rank": 0.01,
                 "kv_cache_bytes": 32 << 20,
             },

@@ -4,7 +4,8 @@ RayService update and the Ray dashboard's config do), while streams are in fligh
 A local Ray cluster is started with `ray start --head` (dashboard on, for Serve's REST API);
 the decode deployment goes 1 gang -> 2 gangs -> 1 gang through `deployments[].num_replicas`
 (a lightweight update: no other replica restarts). Every stream started before or between the
-changes must finish with the offline engine's tokens.
+changes must finish with the offline engine's tokens. Two Router replicas serve the same
+`router.port` throughout (Serve scales the Router like any deployment).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from cluster.launch import wait_running
 from cluster.net import free_port
 from cluster.tiny import make_tiny
 from router.client import InferenceClient
-from router.proto import SERVICER_FUNCTION
 from workers.engine import SamplingParams
 from workers.engine.build import build_engine
 
@@ -74,7 +74,6 @@ def _config(model: Path, port: int, decode_replicas: int) -> dict:
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "127.0.0.1", "port": HTTP_PORT},
-        "grpc_options": {"port": port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
         "applications": [
             {
                 "name": APP_NAME,
@@ -92,7 +91,11 @@ def _config(model: Path, port: int, decode_replicas: int) -> dict:
                     "router": {"port": port},
                 },
                 # scaling: a multiple of the gang size; only this changes between deploys
-                "deployments": [{"name": "DecodeRank", "num_replicas": decode_replicas}],
+                "deployments": [
+                    {"name": "DecodeRank", "num_replicas": decode_replicas},
+                    # two Router replicas share router.port (the streams' connections spread)
+                    {"name": "Router", "num_replicas": 2},
+                ],
             }
         ],
     }
@@ -117,7 +120,9 @@ def _wait_gangs(client: InferenceClient, n: int, timeout_s: float = 300) -> dict
     deadline = time.monotonic() + timeout_s
     while True:
         gangs = _decode_gangs(client)
-        if len(gangs) == n and all(len(r) == 2 for r in gangs.values()):
+        # the prefill rank too: the router's view fills in as ranks report (every 0.5 s)
+        whole = len(gangs) == n and all(len(r) == 2 for r in gangs.values())
+        if whole and _prefill_replicas(client):
             return gangs
         if time.monotonic() > deadline:
             pytest.fail(f"decode never had {n} gangs of 2 ranks: {gangs}")
@@ -154,6 +159,8 @@ def test_decode_gangs_scale_up_and_down_under_load(ray_cluster, model_dir, port,
     _serve_deploy(ray_cluster, _config(model_dir, port, 2), tmp_path)
     wait_running(300)
     target = f"localhost:{port}"
+    routers = serve.status().applications[APP_NAME].deployments["Router"]
+    assert routers.replica_states.get("RUNNING") == 2, routers  # both bound router.port
     with InferenceClient(target, timeout_s=60) as client:
         before = _wait_gangs(client, 1)
         prefill_before = _prefill_replicas(client)

@@ -1,5 +1,5 @@
 """The cluster end to end: real Ray Serve (gang-scheduled prefill and decode ranks, gloo), real
-gRPC on loopback through Serve's proxy, a DeepSeek-V3 tiny checkpoint (MLA: the handoff is the
+gRPC on loopback to the Router's own server, a DeepSeek-V3 tiny checkpoint (MLA: the handoff is the
 latent cache). One deployment for the whole module: 1 prefill gang x 2 ranks, 2 decode gangs x
 2 ranks, auth on, a small request bound.
 
@@ -22,8 +22,9 @@ from cluster.launch import deploy, undeploy
 from cluster.net import free_port
 from cluster.offline import PromptSpec, run_offline
 from cluster.tiny import make_tiny
-from router.client import ClientError, InferenceClient
+from router.client import ClientError, InferenceClient, generate_request
 from router.proto import inference_pb2 as pb
+from router.proto import inference_pb2_grpc as pbg
 from tests.cluster.shapes import two_stage_config
 from workers.engine import SamplingParams
 from workers.engine.build import build_engine
@@ -60,7 +61,12 @@ def model_dir(tmp_path_factory):
 def cluster(model_dir, ray_cluster):
     port = free_port()
     cfg = two_stage_config(
-        model_dir, port, step_token_budget=16, auth_tokens=[TOKEN], max_queued_requests=MAX_INFLIGHT
+        model_dir,
+        port,
+        step_token_budget=16,
+        max_prefill_chunk=4,
+        auth_tokens=[TOKEN],
+        max_queued_requests=MAX_INFLIGHT,
     )
     deploy(cfg, http_port=free_port(), timeout_s=300)
     yield f"localhost:{port}"
@@ -136,6 +142,80 @@ def test_first_chunk_is_the_prefill_token_then_decode_streams(client):
     # max_tokens=1 ends at prefill: no decode rank involved
     (only,) = list(client.generate("Once upon", max_tokens=1, temperature=0.0))
     assert only.finish_reason == "length" and only.token_ids == chunks[0].token_ids
+
+
+MULTI_BYTE = "naïve café 日本"
+
+
+@pytest.mark.parametrize("interval", [1, 4])
+def test_stream_interval_output_equals_offline(client, model_dir, interval):
+    """Seeded sampling of text with multi-byte characters: over the cluster, with 1 or 4 tokens
+    per message, ids and text equal the offline engine's; a character whose bytes span tokens
+    arrives whole; messages come in order: the first token alone, then `interval` tokens each,
+    the last one with finish_reason and usage."""
+    new = 23  # seed 6 of this checkpoint: a character whose bytes span two tokens
+    params = SamplingParams(max_tokens=new, temperature=1.0, seed=6, ignore_eos=True)
+    engine = build_engine(model_dir)
+    engine.add_request("mb", params, prompt=MULTI_BYTE)
+    pieces, want_ids = [], []
+    while engine.has_unfinished():
+        for out in engine.step():
+            pieces.append(out.new_text)
+            want_ids += out.new_token_ids
+    want_text = "".join(pieces)
+    # random tokens: some bytes form characters across tokens, some never do (U+FFFD)
+    spans = [
+        b for a, b in zip(pieces, pieces[1:], strict=False)
+        if a == "" and any(127 < ord(ch) != 0xFFFD for ch in b)
+    ]  # fmt: skip
+    assert spans, "no character spans two tokens in this output"
+    chunks = list(
+        client.generate(
+            MULTI_BYTE,
+            max_tokens=new,
+            temperature=1.0,
+            seed=6,
+            ignore_eos=True,
+            stream_interval=interval,
+        )
+    )
+    assert [t for c in chunks for t in c.token_ids] == want_ids
+    assert "".join(c.text for c in chunks) == want_text
+    rest = new - 1
+    tail = [rest % interval] if rest % interval else []
+    assert [len(c.token_ids) for c in chunks] == [1] + [interval] * (rest // interval) + tail
+    assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == new
+    with pytest.raises(ClientError) as err:
+        client.complete("hi", stream_interval=5000)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details.startswith("sampling.stream_interval: ")
+
+
+def test_first_tokens_of_a_burst_do_not_wait_for_a_long_prefill(client, cluster):
+    """A burst: two 3,900-token prompts (one per prefill rank: fewest queued prompt tokens;
+    244+ steps each at 16 tokens per step) and four 40-token ones. Each short prompt shares its
+    prefill rank with a long one (max_prefill_chunk: the long prompt takes 4 tokens a step while
+    others want the budget), so every short stream gets its first token, and ends after two
+    decode steps, before either long prompt's first token."""
+    _wait_status(client, _idle, "an idle cluster")
+    firsts: dict[str, float] = {}
+    ends: dict[str, float] = {}
+
+    def run(name: str, ids: list[int], new: int) -> None:
+        with InferenceClient(cluster, token=TOKEN, timeout_s=120) as c:
+            for _ in c.generate(prompt_token_ids=ids, max_tokens=new, ignore_eos=True):
+                firsts.setdefault(name, time.monotonic())
+            ends[name] = time.monotonic()
+
+    with ThreadPoolExecutor(6) as pool:
+        jobs = [pool.submit(run, f"long{i}", [7 + i] * 3900, 1) for i in range(2)]
+        jobs += [pool.submit(run, f"short{i}", [3, i] * 20, 3) for i in range(4)]
+        for j in jobs:
+            j.result(timeout=120)
+    long_first = min(firsts["long0"], firsts["long1"])
+    for i in range(4):
+        assert ends[f"short{i}"] < long_first, f"short{i} waited for a long prefill"
 
 
 def test_tokenize_and_model_info(client, model_dir):
@@ -253,6 +333,47 @@ def test_decode_follows_kv_usage_and_cancel_frees_kv(client):
         for s in streams:
             s.close()  # cancels the call: the ranks abort the requests
     _wait_status(client, _idle, "every KV block free after cancelling")
+
+
+def test_overload_is_turned_away_fast_and_admitted_streams_finish(cluster, client):
+    """10 x router.max_queued_requests calls at once: MAX_INFLIGHT are admitted and finish with
+    all their tokens; every other one gets RESOURCE_EXHAUSTED at once: before any admitted
+    stream ends (nothing waits for a slot) and within 0.5 s of being sent (bench/overload.py
+    measures the latency: ~0.6 ms of Router CPU per rejected call, README). The calls are issued
+    from one thread without waiting; grpc's own threads stamp each end."""
+    _wait_status(client, _idle, "an idle cluster")
+    n = 10 * MAX_INFLIGHT
+    ended = [0.0] * n
+    sent = [0.0] * n
+    with grpc.insecure_channel(cluster) as channel:
+        stub = pbg.InferenceStub(channel)
+        grpc.channel_ready_future(channel).result(timeout=30)
+        calls = []
+        for i in range(n):
+            request = generate_request(
+                prompt_token_ids=[4, i % 50] * 4, max_tokens=48, ignore_eos=True
+            )
+            sent[i] = time.perf_counter()
+            call = stub.Generate(
+                request, metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=120
+            )
+            call.add_done_callback(lambda _c, i=i: ended.__setitem__(i, time.perf_counter()))
+            calls.append(call)
+        outcomes: list[tuple[str, int]] = []
+        for call in calls:
+            try:
+                outcomes.append(("OK", sum(len(m.token_ids) for m in call)))
+            except grpc.RpcError as e:
+                outcomes.append((e.code().name, 0))
+    ok = [tokens for code, tokens in outcomes if code == "OK"]
+    assert len(ok) == MAX_INFLIGHT and ok == [48] * MAX_INFLIGHT
+    away = [i for i, (code, _) in enumerate(outcomes) if code != "OK"]
+    assert {outcomes[i][0] for i in away} == {"RESOURCE_EXHAUSTED"}
+    first_done = min(ended[i] for i, (code, _) in enumerate(outcomes) if code == "OK")
+    assert all(ended[i] < first_done for i in away), "a rejection waited for an admitted stream"
+    slowest = max(ended[i] - sent[i] for i in away)
+    assert slowest <= 0.5, f"a rejection took {slowest * 1e3:.0f} ms"
+    _wait_status(client, _idle, "every KV block free after the burst")
 
 
 def test_deadline_stops_the_work(client):

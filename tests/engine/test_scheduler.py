@@ -93,3 +93,29 @@ def test_queued_prompt_tokens_count_the_rest_of_chunked_prefills():
     assert sched.num_queued_prompt_tokens == 1
     _run_step(sched)
     assert sched.num_queued_prompt_tokens == 0  # both decoding: nothing of a prompt is owed
+
+
+def test_a_long_prefill_shares_steps_with_the_prompts_behind_it():
+    """max_prefill_chunk: while other prompts want the budget, a long prompt takes at most that
+    many tokens per step (the budget left over goes to the prompts nearest to done), so short
+    prompts of the same burst get their first tokens long before the long prompt is done;
+    decodes come first; alone, the long prompt uses the whole budget."""
+    sched = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=16, max_prefill_chunk=4), BlockManager(256, 4)
+    )
+    sched.add(_seq(0, 100))
+    sched.add(_seq(1, 4))
+    sched.add(_seq(2, 4))
+    assert _run_step(sched) == {"r0": 8, "r1": 4, "r2": 4}  # both shorts sample this step
+    # decodes first; no other prompt: no cap, the long prompt takes the rest of the budget
+    assert _run_step(sched) == {"r0": 14, "r1": 1, "r2": 1}
+    sched.add(_seq(3, 30))
+    assert _run_step(sched) == {"r0": 4, "r1": 1, "r2": 1, "r3": 10}
+    assert _run_step(sched) == {"r0": 4, "r1": 1, "r2": 1, "r3": 10}
+    assert _run_step(sched) == {"r0": 4, "r1": 1, "r2": 1, "r3": 10}  # r3 samples: 78 to go
+    assert sched.running[0].num_computed == 8 + 14 + 3 * 4
+    # without the cap the long prompt holds every short one back until it is done
+    plain = Scheduler(SchedulerConfig(max_num_batched_tokens=16), BlockManager(256, 4))
+    plain.add(_seq(0, 100))
+    plain.add(_seq(1, 6))
+    assert _run_step(plain) == {"r0": 16}

@@ -41,8 +41,12 @@ def test_stop_hands_back_every_request_held_or_queued(rank):
     _until(rank, lambda seen: len(seen) == 3)  # all three are streaming
     rank.submit("s", Submit("late", [9, 9], LONG))  # may still sit in the inbox
     rank.stop(WAIT_S)
-    seen = _until(rank, lambda s: all(s.get(r, [None])[-1] and s[r][-1].finished
-                                      for r in ("a0", "a1", "a2", "late")))
+    seen = _until(
+        rank,
+        lambda s: all(
+            s.get(r, [None])[-1] and s[r][-1].finished for r in ("a0", "a1", "a2", "late")
+        ),
+    )
     for rid in ("a0", "a1", "a2", "late"):
         assert seen[rid][-1].error_kind == MIGRATE, rid
     assert rank.engine.stats().kv_blocks_used == 0 and rank.engine.stats().num_requests == 0

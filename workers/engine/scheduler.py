@@ -1,10 +1,12 @@
 """Continuous batching with chunked prefill and preemption by recompute.
 
-Each step forms one batch under a token budget: running sequences first (oldest first; a decode
-is one token, an unfinished prompt continues with its next chunk), then waiting sequences are
-admitted while the budget, the sequence limit and free KV blocks allow. When a running sequence
-cannot get a block, the newest running sequence is preempted: its blocks are freed and it goes
-back to the front of the queue to recompute its prompt and the tokens generated so far.
+Each step forms one batch under a token budget: running sequences first (decodes, one token
+each, then unfinished prompts with their next chunk, oldest first; at most `max_prefill_chunk`
+tokens while other prompts want the budget too), then waiting sequences are admitted while the
+budget, the sequence limit and free KV blocks allow; budget the chunk cap left unused goes to
+the prompts nearest to done (their first tokens come sooner). When a running sequence cannot
+get a block, the newest running sequence is preempted: its blocks are freed and it goes back
+to the front of the queue to recompute its prompt and the tokens generated so far.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # sequences in one batch at most
     max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
     max_waiting: int = 4096  # bounded waiting queue; beyond it add() raises QueueFullError
+    # Most prompt tokens one sequence computes in a step while other prompts also want the
+    # budget (vLLM's long_prefill_token_threshold): a long prompt then shares each step with the
+    # prompts behind it instead of holding them until it is done; budget the cap leaves unused
+    # goes to the prompts nearest to done. None: no cap.
+    max_prefill_chunk: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,14 +72,17 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.config.max_num_batched_tokens
-        batch: list[ScheduledSeq] = []
+        plan: list[list] = []  # [sequence, tokens this step], in batch order
         preempted = False
-        for seq in sorted(self.running, key=lambda s: s.arrival):
+        prompts = len(self.waiting) + sum(self._left(s) > 1 for s in self.running)
+        cap = self.config.max_prefill_chunk if prompts > 1 else None
+        # decodes before prompt chunks, so a long prefill never holds back running streams
+        for seq in sorted(self.running, key=lambda s: (self._left(s) > 1, s.arrival)):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = min(self._left(seq), budget, cap or budget)
             while not self.blocks.can_allocate(seq, seq.num_computed + n):
                 victim = max(self.running, key=lambda s: s.arrival)
                 self._preempt(victim)
@@ -82,22 +92,35 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             self.blocks.allocate(seq, seq.num_computed + n)
-            batch.append(ScheduledSeq(seq, n))
+            plan.append([seq, n])
             budget -= n
         while self.waiting and budget > 0 and not preempted:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = min(self._left(seq), budget, cap or budget)
             if not self.blocks.can_allocate(seq, seq.num_computed + n):
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq, seq.num_computed + n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            batch.append(ScheduledSeq(seq, n))
+            plan.append([seq, n])
             budget -= n
-        return batch
+        if cap is not None and not preempted:  # budget the cap left: the nearest-done prompts
+            for entry in sorted(plan, key=lambda e: self._left(e[0]) - e[1]):
+                seq, n = entry
+                extra = min(self._left(seq) - n, budget)
+                if extra > 0 and self.blocks.can_allocate(seq, seq.num_computed + n + extra):
+                    self.blocks.allocate(seq, seq.num_computed + n + extra)
+                    entry[1] += extra
+                    budget -= extra
+        return [ScheduledSeq(seq, n) for seq, n in plan]
+
+    @staticmethod
+    def _left(seq: Sequence) -> int:
+        """Tokens of `seq` not computed yet (1 for a decode)."""
+        return seq.num_tokens - seq.num_computed
 
     def adopt_running(self, seq: Sequence) -> None:
         """Take a sequence whose blocks are allocated and KV filled (a handed-over prompt)."""

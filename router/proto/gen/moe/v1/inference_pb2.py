@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16moe/v1/inference.proto\x12\x06moe.v1\"y\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.moe.v1.SamplingParams\"\xf5\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobs\"\x90\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1c\n\x05usage\x18\x04 \x01(\x0b\x32\r.moe.v1.Usage\x12&\n\x08logprobs\x18\x05 \x03(\x0b\x32\x14.moe.v1.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"R\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x1f\n\x03top\x18\x03 \x03(\x0b\x32\x12.moe.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x15\n\x13GetModelInfoRequest\"\x98\x01\n\tModelInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x05 \x01(\x05\x12\x12\n\nnum_layers\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\"\x19\n\x17GetClusterStatusRequest\"W\n\rClusterStatus\x12-\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x18.moe.v1.DeploymentStatus\x12\x17\n\x0frouter_requests\x18\x02 \x01(\x05\"C\n\x10\x44\x65ploymentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05gangs\x18\x02 \x03(\x0b\x32\x12.moe.v1.GangStatus\"@\n\nGangStatus\x12\x0f\n\x07gang_id\x18\x01 \x01(\t\x12!\n\x05ranks\x18\x02 \x03(\x0b\x32\x12.moe.v1.RankStatus\"\x83\x02\n\nRankStatus\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x18\n\x10running_requests\x18\x03 \x01(\x05\x12\x1c\n\x14queued_prompt_tokens\x18\x04 \x01(\x03\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\x05\x12\x14\n\x0ctokens_per_s\x18\x07 \x01(\x01\x12\'\n\x0b\x65xpert_load\x18\x08 \x03(\x0b\x32\x12.moe.v1.ExpertLoad\x12\x18\n\x10tokens_processed\x18\t \x01(\x03\x12\x11\n\taccepting\x18\n \x01(\x08\"#\n\x0c\x44rainRequest\x12\x13\n\x0breplica_ids\x18\x01 \x03(\t\">\n\rDrainResponse\x12\x13\n\x0breplica_ids\x18\x01 \x03(\t\x12\x18\n\x10running_requests\x18\x02 \x01(\x05\"6\n\nExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x03\x32\xcd\x02\n\tInference\x12?\n\x08Generate\x12\x17.moe.v1.GenerateRequest\x1a\x18.moe.v1.GenerateResponse0\x01\x12=\n\x08Tokenize\x12\x17.moe.v1.TokenizeRequest\x1a\x18.moe.v1.TokenizeResponse\x12>\n\x0cGetModelInfo\x12\x1b.moe.v1.GetModelInfoRequest\x1a\x11.moe.v1.ModelInfo\x12J\n\x10GetClusterStatus\x12\x1f.moe.v1.GetClusterStatusRequest\x1a\x15.moe.v1.ClusterStatus\x12\x34\n\x05\x44rain\x12\x14.moe.v1.DrainRequest\x1a\x15.moe.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16moe/v1/inference.proto\x12\x06moe.v1\"y\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.moe.v1.SamplingParams\"\x8e\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x03\x88\x01\x01\x12\x17\n\x0fstream_interval\x18\n \x01(\x05\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobs\"\x90\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1c\n\x05usage\x18\x04 \x01(\x0b\x32\r.moe.v1.Usage\x12&\n\x08logprobs\x18\x05 \x03(\x0b\x32\x14.moe.v1.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"R\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x1f\n\x03top\x18\x03 \x03(\x0b\x32\x12.moe.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x15\n\x13GetModelInfoRequest\"\x98\x01\n\tModelInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x05 \x01(\x05\x12\x12\n\nnum_layers\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\"\x19\n\x17GetClusterStatusRequest\"W\n\rClusterStatus\x12-\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x18.moe.v1.DeploymentStatus\x12\x17\n\x0frouter_requests\x18\x02 \x01(\x05\"C\n\x10\x44\x65ploymentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05gangs\x18\x02 \x03(\x0b\x32\x12.moe.v1.GangStatus\"@\n\nGangStatus\x12\x0f\n\x07gang_id\x18\x01 \x01(\t\x12!\n\x05ranks\x18\x02 \x03(\x0b\x32\x12.moe.v1.RankStatus\"\x83\x02\n\nRankStatus\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x18\n\x10running_requests\x18\x03 \x01(\x05\x12\x1c\n\x14queued_prompt_tokens\x18\x04 \x01(\x03\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\x05\x12\x14\n\x0ctokens_per_s\x18\x07 \x01(\x01\x12\'\n\x0b\x65xpert_load\x18\x08 \x03(\x0b\x32\x12.moe.v1.ExpertLoad\x12\x18\n\x10tokens_processed\x18\t \x01(\x03\x12\x11\n\taccepting\x18\n \x01(\x08\"#\n\x0c\x44rainRequest\x12\x13\n\x0breplica_ids\x18\x01 \x03(\t\">\n\rDrainResponse\x12\x13\n\x0breplica_ids\x18\x01 \x03(\t\x12\x18\n\x10running_requests\x18\x02 \x01(\x05\"6\n\nExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x03\x32\xcd\x02\n\tInference\x12?\n\x08Generate\x12\x17.moe.v1.GenerateRequest\x1a\x18.moe.v1.GenerateResponse0\x01\x12=\n\x08Tokenize\x12\x17.moe.v1.TokenizeRequest\x1a\x18.moe.v1.TokenizeResponse\x12>\n\x0cGetModelInfo\x12\x1b.moe.v1.GetModelInfoRequest\x1a\x11.moe.v1.ModelInfo\x12J\n\x10GetClusterStatus\x12\x1f.moe.v1.GetClusterStatusRequest\x1a\x15.moe.v1.ClusterStatus\x12\x34\n\x05\x44rain\x12\x14.moe.v1.DrainRequest\x1a\x15.moe.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,39 +34,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=34
   _globals['_GENERATEREQUEST']._serialized_end=155
   _globals['_SAMPLINGPARAMS']._serialized_start=158
-  _globals['_SAMPLINGPARAMS']._serialized_end=403
-  _globals['_GENERATERESPONSE']._serialized_start=406
-  _globals['_GENERATERESPONSE']._serialized_end=550
-  _globals['_USAGE']._serialized_start=552
-  _globals['_USAGE']._serialized_end=609
-  _globals['_TOKENLOGPROB']._serialized_start=611
-  _globals['_TOKENLOGPROB']._serialized_end=693
-  _globals['_TOPLOGPROB']._serialized_start=695
-  _globals['_TOPLOGPROB']._serialized_end=742
-  _globals['_TOKENIZEREQUEST']._serialized_start=744
-  _globals['_TOKENIZEREQUEST']._serialized_end=775
-  _globals['_TOKENIZERESPONSE']._serialized_start=777
-  _globals['_TOKENIZERESPONSE']._serialized_end=814
-  _globals['_GETMODELINFOREQUEST']._serialized_start=816
-  _globals['_GETMODELINFOREQUEST']._serialized_end=837
-  _globals['_MODELINFO']._serialized_start=840
-  _globals['_MODELINFO']._serialized_end=992
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=994
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1019
-  _globals['_CLUSTERSTATUS']._serialized_start=1021
-  _globals['_CLUSTERSTATUS']._serialized_end=1108
-  _globals['_DEPLOYMENTSTATUS']._serialized_start=1110
-  _globals['_DEPLOYMENTSTATUS']._serialized_end=1177
-  _globals['_GANGSTATUS']._serialized_start=1179
-  _globals['_GANGSTATUS']._serialized_end=1243
-  _globals['_RANKSTATUS']._serialized_start=1246
-  _globals['_RANKSTATUS']._serialized_end=1505
-  _globals['_DRAINREQUEST']._serialized_start=1507
-  _globals['_DRAINREQUEST']._serialized_end=1542
-  _globals['_DRAINRESPONSE']._serialized_start=1544
-  _globals['_DRAINRESPONSE']._serialized_end=1606
-  _globals['_EXPERTLOAD']._serialized_start=1608
-  _globals['_EXPERTLOAD']._serialized_end=1662
-  _globals['_INFERENCE']._serialized_start=1665
-  _globals['_INFERENCE']._serialized_end=1998
+  _globals['_SAMPLINGPARAMS']._serialized_end=428
+  _globals['_GENERATERESPONSE']._serialized_start=431
+  _globals['_GENERATERESPONSE']._serialized_end=575
+  _globals['_USAGE']._serialized_start=577
+  _globals['_USAGE']._serialized_end=634
+  _globals['_TOKENLOGPROB']._serialized_start=636
+  _globals['_TOKENLOGPROB']._serialized_end=718
+  _globals['_TOPLOGPROB']._serialized_start=720
+  _globals['_TOPLOGPROB']._serialized_end=767
+  _globals['_TOKENIZEREQUEST']._serialized_start=769
+  _globals['_TOKENIZEREQUEST']._serialized_end=800
+  _globals['_TOKENIZERESPONSE']._serialized_start=802
+  _globals['_TOKENIZERESPONSE']._serialized_end=839
+  _globals['_GETMODELINFOREQUEST']._serialized_start=841
+  _globals['_GETMODELINFOREQUEST']._serialized_end=862
+  _globals['_MODELINFO']._serialized_start=865
+  _globals['_MODELINFO']._serialized_end=1017
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1019
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1044
+  _globals['_CLUSTERSTATUS']._serialized_start=1046
+  _globals['_CLUSTERSTATUS']._serialized_end=1133
+  _globals['_DEPLOYMENTSTATUS']._serialized_start=1135
+  _globals['_DEPLOYMENTSTATUS']._serialized_end=1202
+  _globals['_GANGSTATUS']._serialized_start=1204
+  _globals['_GANGSTATUS']._serialized_end=1268
+  _globals['_RANKSTATUS']._serialized_start=1271
+  _globals['_RANKSTATUS']._serialized_end=1530
+  _globals['_DRAINREQUEST']._serialized_start=1532
+  _globals['_DRAINREQUEST']._serialized_end=1567
+  _globals['_DRAINRESPONSE']._serialized_start=1569
+  _globals['_DRAINRESPONSE']._serialized_end=1631
+  _globals['_EXPERTLOAD']._serialized_start=1633
+  _globals['_EXPERTLOAD']._serialized_end=1687
+  _globals['_INFERENCE']._serialized_start=1690
+  _globals['_INFERENCE']._serialized_end=2023
 # @@protoc_insertion_point(module_scope)
