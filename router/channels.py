@@ -191,7 +191,9 @@ class RankDirectory:
     async def refresh(self) -> None:
         """Connect to ranks that appeared, drop the ones that left the registry."""
         listed = {a.replica_id: a for a in await self._list_ranks()}
-        for key in [k for k in self.channels if k not in listed]:
+        # an empty list while channels are open is a registry that just restarted (soft state,
+        # the ranks re-publish within seconds), not every rank gone: those close their sockets
+        for key in [k for k in self.channels if k not in listed and listed]:
             self.channels.pop(key).close()
         for key, address in listed.items():
             if key in self.channels or key in self._lost:
