@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument(
+        "--stream-interval", type=int, default=0, help="tokens per message (0: the cluster's)"
+    )
     g.add_argument("--token", default=None, help="bearer token (default: $MOE_CLUSTER_TOKEN)")
     g.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole call")
     return p

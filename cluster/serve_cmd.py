@@ -153,6 +153,7 @@ def generate_command(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 stop=tuple(args.stop),
                 ignore_eos=args.ignore_eos,
+                stream_interval=args.stream_interval,
                 timeout_s=args.timeout,
             )
             for chunk in stream:
