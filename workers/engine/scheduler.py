@@ -72,7 +72,7 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.config.max_num_batched_tokens
-        plan: list[list] = []  # [sequence, tokens this step], in batch order
+        plan: dict[Sequence, int] = {}  # tokens of each sequence this step, in batch order
         preempted = False
         prompts = len(self.waiting) + sum(self._left(s) > 1 for s in self.running)
         cap = self.config.max_prefill_chunk if prompts > 1 else None
@@ -92,7 +92,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             self.blocks.allocate(seq, seq.num_computed + n)
-            plan.append([seq, n])
+            plan[seq] = n
             budget -= n
         while self.waiting and budget > 0 and not preempted:
             if len(self.running) >= self.config.max_num_seqs:
@@ -105,17 +105,17 @@ class Scheduler:
             self.blocks.allocate(seq, seq.num_computed + n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            plan.append([seq, n])
+            plan[seq] = n
             budget -= n
         if cap is not None and not preempted:  # budget the cap left: the nearest-done prompts
-            for entry in sorted(plan, key=lambda e: self._left(e[0]) - e[1]):
-                seq, n = entry
+            for seq in sorted(plan, key=lambda s: self._left(s) - plan[s]):
+                n = plan[seq]
                 extra = min(self._left(seq) - n, budget)
                 if extra > 0 and self.blocks.can_allocate(seq, seq.num_computed + n + extra):
                     self.blocks.allocate(seq, seq.num_computed + n + extra)
-                    entry[1] += extra
+                    plan[seq] = n + extra
                     budget -= extra
-        return [ScheduledSeq(seq, n) for seq, n in plan]
+        return [ScheduledSeq(seq, n) for seq, n in plan.items()]
 
     @staticmethod
     def _left(seq: Sequence) -> int:
