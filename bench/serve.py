@@ -107,6 +107,8 @@ LABELS = (
     "Router",
     "ProxyActor",
     "ServeController",
+    "GangRegistry",
+    "DashboardAgent",
     "raylet",
     "gcs_server",
     "bench.serve",
@@ -181,6 +183,9 @@ def main() -> None:
     ap.add_argument("--rank-threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--stream-interval", type=int, default=0, help="0: the cluster default (1)")
     ap.add_argument("--config", type=json.loads, default={}, help="JSON merged into the config")
+    ap.add_argument(
+        "--idle-s", type=float, default=0, help="first, CPU %% per process of the idle cluster"
+    )
     args = ap.parse_args()
     levels = [int(s) for s in args.streams.split(",")]
     path = checkpoint(args.arch, args.preset)
@@ -207,6 +212,22 @@ def main() -> None:
         deploy(cfg, http_port=free_port(), timeout_s=900)
         target = f"localhost:{port}"
         run_streams(target, workloads[levels[0]][:1], 4)  # warm-up
+        if args.idle_s:
+            time.sleep(1)
+            idle0 = cpu_seconds()
+            time.sleep(args.idle_s)  # measuring the idle cluster's own CPU, on purpose
+            idle1 = cpu_seconds()
+            pct = {k: (idle1[k] - idle0.get(k, 0.0)) / args.idle_s * 100 for k in idle1}
+            print(
+                "idle cluster, % of one core: "
+                + ", ".join(
+                    f"{k} {v:.1f}"
+                    for k, v in sorted(pct.items(), key=lambda kv: -kv[1])
+                    if v >= 0.1
+                )
+                + f"; total {sum(pct.values()):.1f}",
+                flush=True,
+            )
         for c in levels:
             cpu0 = cpu_seconds()
             served[c] = run_streams(target, workloads[c], args.new_tokens, args.stream_interval)
