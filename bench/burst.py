@@ -19,12 +19,10 @@ import contextlib
 import json
 import time
 
-import ray
 import torch
 
-from bench.serve import checkpoint, percentile
+from bench.serve import checkpoint, deployed, percentile
 from cluster.config import ClusterConfig
-from cluster.launch import deploy, undeploy
 from cluster.net import free_port
 from router.client import AsyncInferenceClient
 
@@ -68,10 +66,7 @@ def main() -> None:
     cfg = ClusterConfig.from_args(
         {"model": {"path": str(path)}, "prefill": stage, "decode": stage, "router": {"port": port}}
     )
-    ray.init(include_dashboard=False, log_to_driver=False)
-    try:
-        deploy(cfg, http_port=free_port(), timeout_s=600)
-        target = f"localhost:{port}"
+    with deployed(cfg, timeout_s=600) as target:
         asyncio.run(burst(target, prompts[:1], 4, False))  # warm-up
         for name, first_only in [("first token only", True), ("whole streams", False)]:
             t = asyncio.run(burst(target, prompts, args.new_tokens, first_only))
@@ -80,9 +75,6 @@ def main() -> None:
                 f"last {t[-1]:.2f} s",
                 flush=True,
             )
-    finally:
-        undeploy()
-        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -22,11 +22,9 @@ import time
 from pathlib import Path
 
 import grpc
-import ray
 
-from bench.serve import percentile
+from bench.serve import deployed, percentile
 from cluster.config import ClusterConfig
-from cluster.launch import deploy, undeploy
 from cluster.net import free_port
 from cluster.tiny import make_tiny
 from router.client import generate_request
@@ -126,15 +124,13 @@ def main() -> None:
             "router": {"port": port, "max_queued_requests": args.bound},
         }
     )
-    ray.init(include_dashboard=False, log_to_driver=False)
-    try:
-        deploy(cfg, http_port=free_port(), timeout_s=600)
-        burst(f"localhost:{port}", 2, 4)  # warm-up
+    with deployed(cfg, timeout_s=600) as target:
+        burst(target, 2, 4)  # warm-up
         print(f"{10 * args.bound} calls at once, router.max_queued_requests {args.bound}")
         print("| round | admitted, all tokens | rejected | rejection p50 / p99 / max ms |")
         print("|---:|---:|---:|---:|")
         for r in range(args.rounds):
-            admitted, rejected = burst(f"localhost:{port}", 10 * args.bound, args.new_tokens)
+            admitted, rejected = burst(target, 10 * args.bound, args.new_tokens)
             whole = sum(t == args.new_tokens for t in admitted)
             ms = [percentile(rejected, q) * 1e3 for q in (50, 99, 100)]
             print(
@@ -142,9 +138,6 @@ def main() -> None:
                 f"{ms[0]:.0f} / {ms[1]:.0f} / {ms[2]:.0f} |",
                 flush=True,
             )
-    finally:
-        undeploy()
-        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -53,6 +55,19 @@ def percentile(xs: list[float], q: float) -> float:
         return float("nan")
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+@contextlib.contextmanager
+def deployed(cfg: ClusterConfig, timeout_s: float = 900) -> Iterator[str]:
+    """The cluster of `cfg` in this process's own Ray; yields its gRPC target, then takes the
+    application, Serve and Ray down."""
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        deploy(cfg, http_port=free_port(), timeout_s=timeout_s)
+        yield f"localhost:{cfg.router.port}"
+    finally:
+        undeploy()
+        ray.shutdown()
 
 
 def run_streams(
@@ -205,12 +220,9 @@ def main() -> None:
     for section, values in args.config.items():
         base.setdefault(section, {}).update(values)
     cfg = ClusterConfig.from_args(base)
-    ray.init(include_dashboard=False, log_to_driver=False)
     served: dict[int, dict[str, float]] = {}
     cpu: dict[int, dict[str, float]] = {}
-    try:
-        deploy(cfg, http_port=free_port(), timeout_s=900)
-        target = f"localhost:{port}"
+    with deployed(cfg) as target:
         run_streams(target, workloads[levels[0]][:1], 4)  # warm-up
         if args.idle_s:
             time.sleep(1)
@@ -235,9 +247,6 @@ def main() -> None:
             n = c * args.new_tokens
             cpu[c] = {k: (cpu1[k] - cpu0.get(k, 0.0)) / n * 1e6 for k in cpu1}
             print(f"cluster {c:>3} streams: {served[c]}", flush=True)
-    finally:
-        undeploy()
-        ray.shutdown()
 
     torch.set_num_threads(args.threads)
     ep = args.gang_size
