@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--ep", type=int, default=1, help="expert-parallel ranks (Ray actors, gloo); 1: in-process"
     )
+    o.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="recompute every prompt (default: reuse the KV of shared prefixes)",
+    )
 
     s = sub.add_parser("serve", help="start the cluster (embedded Ray or --address) and serve gRPC")
     s.add_argument("--model", type=Path, help="HF checkpoint directory (or model.path in --config)")
@@ -95,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _offline(args: argparse.Namespace) -> int:
     from cluster.offline import PromptSpec, parse_prompt_ids, read_jsonl, result_json, run_offline
-    from workers.engine import InvalidRequestError, SamplingParams
+    from workers.engine import EngineConfig, InvalidRequestError, SamplingParams
     from workers.engine.build import build_engine
 
     base = SamplingParams(
@@ -124,12 +130,15 @@ def _offline(args: argparse.Namespace) -> int:
             raise InvalidRequestError(
                 "model", f"{args.model} has no config.json; point --model at an HF checkpoint dir"
             )
+        config = EngineConfig(prefix_caching=args.prefix_caching)
         if args.ep == 1:
-            outputs = run_offline(build_engine(args.model, dtype=args.dtype), specs)
+            outputs = run_offline(build_engine(args.model, dtype=args.dtype, config=config), specs)
         else:
             from cluster.ep_offline import run_offline_ep
 
-            outputs = run_offline_ep(args.model, specs, args.ep, dtype=args.dtype)
+            outputs = run_offline_ep(
+                args.model, specs, args.ep, dtype=args.dtype, engine_config=config
+            )
     except InvalidRequestError as e:
         flag = _FLAGS.get(e.field, e.field)
         msg = str(e).removeprefix(f"{e.field}: ")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.net import free_port
-from workers.engine import InvalidRequestError, RequestOutput
+from workers.engine import EngineConfig, InvalidRequestError, RequestOutput
 from workers.engine.build import load_tokenizer
 from workers.engine.inputs import PromptLimits, encode_prompt
 from workers.loader import load_config
@@ -56,6 +56,7 @@ class ExpertParallelGroup:
         backend: str = "auto",
         num_redundant: int | None = None,
         load_window: int = 128,
+        engine_config: EngineConfig | None = None,
     ) -> None:
         import ray
 
@@ -87,6 +88,7 @@ class ExpertParallelGroup:
                 backend=backend,
                 num_redundant=num_redundant,
                 load_window=load_window,
+                engine_config=engine_config,
             )
             for r in range(ep)
         ]
@@ -168,9 +170,15 @@ def run_offline_ep(
     timeout_s: float = 900,
     backend: str = "auto",
     rebalance_every: int | None = None,
+    engine_config: EngineConfig | None = None,
 ) -> list[RequestOutput]:
     _validate(model_dir, specs)
     with ExpertParallelGroup(
-        model_dir, ep, dtype=dtype, timeout_s=timeout_s, backend=backend
+        model_dir,
+        ep,
+        dtype=dtype,
+        timeout_s=timeout_s,
+        backend=backend,
+        engine_config=engine_config,
     ) as group:
         return group.generate(specs, rebalance_every)

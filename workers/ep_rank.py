@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from workers.engine import EngineConfig, RequestOutput, SamplingParams
+from workers.engine import EngineConfig, EngineStats, RequestOutput, SamplingParams
 from workers.engine.build import build_engine
 from workers.engine.lockstep import Lockstep
 from workers.loader import load_config
@@ -186,6 +186,9 @@ class ExpertParallelRank:
         """[MoE layers, logical experts] int64 on CPU: picks of this rank's own tokens over the
         last `load_window` engine steps."""
         return self.load.totals().cpu()
+
+    def engine_stats(self) -> EngineStats:
+        return self.engine.stats()
 
     def dispatch_bytes(self) -> tuple[int, int]:
         """MoE all-to-all bytes (sent, received) since the rank started. Call it on the thread

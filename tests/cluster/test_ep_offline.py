@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.ep_offline import run_offline_ep
+from cluster.ep_offline import ExpertParallelGroup, run_offline_ep
 from cluster.offline import PromptSpec, run_offline
-from workers.engine import SamplingParams
+from workers.engine import EngineConfig, SamplingParams, SchedulerConfig
 from workers.engine.build import build_engine
 
 PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -31,6 +31,22 @@ def test_ep_matches_single_rank(name, tiny_checkpoint):
         outs = run_offline_ep(path, specs, ep, timeout_s=300)
         assert [o.token_ids for o in outs] == reference, f"{name} --ep {ep} diverged"
         assert [o.prompt_token_ids for o in outs] == [s.prompt for s in specs]
+
+
+def test_prefix_cache_at_ep_2_gives_the_tokens_of_one_rank_without_it(tiny_checkpoint):
+    """Attention is data-parallel: each rank caches its own prompts' prefixes (here 9 shared
+    tokens, two blocks of 4 and one token in a third) while the MoE layers still exchange every
+    computed token; the tokens equal one rank's with no cache."""
+    path = tiny_checkpoint("deepseek_v3")
+    shared = _specs(3)[2].prompt[:9]
+    specs = [PromptSpec(f"s{i}", shared + [50 + i] * (i + 1), PARAMS) for i in range(6)]
+    off = EngineConfig(block_size=4, prefix_caching=False)
+    reference = [o.token_ids for o in run_offline(build_engine(path, config=off), specs)]
+    on = EngineConfig(block_size=4, scheduler=SchedulerConfig(max_num_batched_tokens=8))
+    with ExpertParallelGroup(path, 2, timeout_s=300, engine_config=on) as group:
+        assert [o.token_ids for o in group.generate(specs)] == reference
+        hits = [s.prefix_hit_tokens for s in group.call("engine_stats")]
+    assert all(h > 0 for h in hits), f"each rank reuses its own prompts' prefix: {hits}"
 
 
 def test_ep_size_that_does_not_divide_the_experts_uses_redundant_slots(tiny_checkpoint):

@@ -80,3 +80,19 @@ def test_handoff_is_small_for_mla(tiny_checkpoint):
     assert out.handoff is not None
     per_token = out.handoff.num_bytes // (10 * engine.model.num_layers)
     assert per_token == 4 * engine.model.kv_token_shape[0]  # latent + rope key, fp32
+
+
+def test_decode_rank_shares_prompt_blocks_it_already_holds(ckpt):
+    """Two handoffs with one 12-token prefix (3 blocks of 4): the second shares the decode
+    rank's copy of those blocks instead of writing its own, and decodes exactly."""
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    gen = torch.Generator().manual_seed(5)
+    prefix = torch.randint(3, 500, (12,), generator=gen).tolist()
+    prompts = [prefix + [7, 8, 9], prefix + [10, 11]]
+    single = build_engine(ckpt).generate([(p, params) for p in prompts])
+    roomy = EngineConfig(block_size=4)
+    pairs, decode = _disaggregated(ckpt, prompts, params, decode_config=roomy)
+    assert [last.token_ids for _, last in pairs] == [o.token_ids for o in single]
+    stats = decode.stats()
+    assert stats.prefix_hit_tokens == 12, "the second prompt's 3 prefix blocks were shared"
+    assert stats.prefix_query_tokens == sum(len(p) for p in prompts)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from workers.engine.block_hash import cache_salt
 from workers.engine.block_manager import BlockManager
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.handoff import KVHandoff
@@ -34,6 +35,9 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: as many as fit in kv_cache_bytes
     kv_cache_bytes: int = 512 << 20  # KV cache budget when num_kv_blocks is None
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    # reuse the KV of full blocks whose token prefix was computed before (shared system
+    # prompts, retries, preemption recompute); outputs are the same either way
+    prefix_caching: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     seed: int = 0  # seeds the generator shared by unseeded sampling requests
 
@@ -75,6 +79,10 @@ class EngineStats:
     kv_blocks_total: int
     num_preemptions: int
     num_tokens_processed: int = 0  # prompt + generated tokens run through the model so far
+    kv_blocks_cached: int = 0  # blocks in the prefix cache (in use or free to evict)
+    prefix_query_tokens: int = 0  # tokens looked up in the prefix cache at admission, so far
+    prefix_hit_tokens: int = 0  # of those, found cached (not computed again)
+    prefix_evictions: int = 0  # cached blocks reused for other KV, so far
 
     @property
     def num_requests(self) -> int:
@@ -84,6 +92,10 @@ class EngineStats:
     @property
     def kv_usage(self) -> float:
         return self.kv_blocks_used / max(1, self.kv_blocks_total)
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / max(1, self.prefix_query_tokens)
 
 
 @dataclass(eq=False)
@@ -120,7 +132,11 @@ class Engine:
             self.config.kv_cache_bytes
             // (model.num_layers * bs * per_token * param.element_size()),
         )
-        self.blocks = BlockManager(num_blocks, bs)
+        config_dict = getattr(model.config, "to_dict", lambda: vars(model.config))()
+        salt = cache_salt(type(model).__name__, config_dict, str(self.dtype), bs)
+        self.blocks = BlockManager(
+            num_blocks, bs, prefix_caching=self.config.prefix_caching, salt=salt
+        )
         self.limits = PromptLimits(self.vocab_size, self.max_model_len, num_blocks * bs - 1)
         self.kv_cache = [  # one tensor per layer: [S, *kv_token_shape]
             torch.zeros(
@@ -150,7 +166,8 @@ class Engine:
         prompt's KV in `RequestOutput.handoff` (unless the first token already ends it).
         `resume`: continue after output already streamed elsewhere (not emitted again); its
         tokens are recomputed here unless `kv` (per layer [P, *kv_token_shape], the prompt's
-        cache entries from a prefill rank) is given and the blocks are free now."""
+        cache entries from a prefill rank) is given and the blocks are free now; prompt blocks
+        this engine has cached are shared, not copied."""
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         ids = self.encode(prompt, prompt_token_ids)
@@ -160,16 +177,29 @@ class Engine:
         tracked = _Tracked(seq, detok, prefill_only=prefill_only)
         if resume is not None:
             self._resume(tracked, resume)
-        if kv is not None and resume and self.blocks.can_allocate(seq, seq.num_tokens):
-            self.blocks.allocate(seq, seq.num_tokens)
-            slots = self._slots(seq, len(ids))
-            for cache, entries in zip(self.kv_cache, kv, strict=True):
-                cache.index_copy_(0, slots, entries.to(cache.device, cache.dtype))
-            seq.num_computed = len(ids)
+        if kv is not None and resume and self._import(seq, kv):
             self.scheduler.adopt_running(seq)
         else:
             self.scheduler.add(seq)
         self._requests[request_id] = tracked
+
+    def _import(self, seq: Seq, kv: Sequence[torch.Tensor]) -> bool:
+        """Put a handed-over prompt's KV into blocks: the cached prefix is shared, the rest
+        copied. False (nothing held) when the blocks are not free now."""
+        p = len(seq.prompt_token_ids)
+        hit = self.blocks.take_cached(seq, max_tokens=p)
+        if not self.blocks.can_allocate(seq, seq.num_tokens):
+            self.blocks.free(seq)
+            seq.num_computed = 0
+            return False
+        self.blocks.record_lookup(p, hit)
+        self.blocks.allocate(seq, seq.num_tokens)
+        slots = self._slots(seq, p)[hit:]
+        for cache, entries in zip(self.kv_cache, kv, strict=True):
+            cache.index_copy_(0, slots, entries[hit:].to(cache.device, cache.dtype))
+        seq.num_computed = p
+        self.blocks.commit(seq)
+        return True
 
     def _resume(self, tracked: _Tracked, resume: Resume) -> None:
         seq = tracked.seq
@@ -244,6 +274,10 @@ class Engine:
             kv_blocks_total=self.blocks.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
             num_tokens_processed=self.num_tokens_processed,
+            kv_blocks_cached=self.blocks.num_cached,
+            prefix_query_tokens=self.blocks.num_query_tokens,
+            prefix_hit_tokens=self.blocks.num_hit_tokens,
+            prefix_evictions=self.blocks.num_evictions,
         )
 
     # --- stepping ----------------------------------------------------------------------
@@ -277,6 +311,7 @@ class Engine:
         rows = [i for i, b in enumerate(batch) if b.samples]
         for b in batch:
             b.seq.num_computed += b.num_new
+            self.blocks.commit(b.seq)
         if not rows:
             return []
         logits = self.model.compute_logits(hidden[meta.last_token_index[rows]])  # [N, V]

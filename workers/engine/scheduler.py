@@ -1,12 +1,14 @@
-"""Continuous batching with chunked prefill and preemption by recompute.
+"""Continuous batching with chunked prefill, prefix caching and preemption by recompute.
 
 Each step forms one batch under a token budget: running sequences first (decodes, one token
 each, then unfinished prompts with their next chunk, oldest first; at most `max_prefill_chunk`
 tokens while other prompts want the budget too), then waiting sequences are admitted while the
-budget, the sequence limit and free KV blocks allow; budget the chunk cap left unused goes to
+budget, the sequence limit and free KV blocks allow, each starting after the longest prefix
+of its tokens the block manager has cached; budget the chunk cap left unused goes to
 the prompts nearest to done (their first tokens come sooner). When a running sequence cannot
 get a block, the newest running sequence is preempted: its blocks are freed and it goes back
-to the front of the queue to recompute its prompt and the tokens generated so far.
+to the front of the queue to recompute its prompt and the tokens generated so far (the blocks
+it filled stay cached while nobody needs them, so the recompute is mostly cache hits).
 """
 
 from __future__ import annotations
@@ -98,9 +100,13 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
+            hit = self.blocks.take_cached(seq)  # shared prefix: computed already
             n = min(self._left(seq), budget, cap or budget)
             if not self.blocks.can_allocate(seq, seq.num_computed + n):
+                self.blocks.free(seq)
+                seq.num_computed = 0
                 break
+            self.blocks.record_lookup(seq.num_tokens, hit)
             self.waiting.popleft()
             self.blocks.allocate(seq, seq.num_computed + n)
             seq.status = SequenceStatus.RUNNING

@@ -25,6 +25,8 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks
+    num_committed_blocks: int = 0  # leading blocks offered to the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     num_preemptions: int = 0
