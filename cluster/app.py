@@ -65,6 +65,7 @@ def engine_config(cfg: ClusterConfig, stage: str) -> EngineConfig:
             kv_cache_bytes=cfg.prefill.kv_cache_bytes,
             max_model_len=cfg.model.max_model_len,
             scheduler=sched,
+            prefix_caching=cfg.prefix_caching,
         )
     sched = SchedulerConfig(
         max_num_seqs=d.max_running_requests, max_waiting=cfg.router.max_queued_requests
@@ -75,6 +76,7 @@ def engine_config(cfg: ClusterConfig, stage: str) -> EngineConfig:
         kv_cache_bytes=d.kv_cache_bytes,
         max_model_len=cfg.model.max_model_len,
         scheduler=sched,
+        prefix_caching=cfg.prefix_caching,
     )
 
 

@@ -71,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-gang-size", type=int, help="expert-parallel ranks per prefill gang")
     s.add_argument("--decode-gangs", type=int)
     s.add_argument("--decode-gang-size", type=int, help="expert-parallel ranks per decode gang")
+    s.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="every rank recomputes every prompt (config: prefix_caching: false)",
+    )
     s.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy port")
     s.add_argument(
         "--http-host",

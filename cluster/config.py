@@ -28,6 +28,7 @@ OVERRIDES = {
     "decode_gangs": "decode.num_gangs",
     "decode_gang_size": "decode.gang_size",
     "port": "router.port",
+    "prefix_caching": "prefix_caching",
 }
 _SECRET_FIELDS = {"auth_tokens"}  # never echoed back in an error
 _BOUNDS = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than_equal": "<= {le}"}
@@ -252,6 +253,12 @@ class ClusterConfig(_Schema):
     prefill: PrefillConfig = Field(default_factory=PrefillConfig, description="prefill ranks")
     decode: DecodeConfig = Field(default_factory=DecodeConfig, description="decode ranks")
     router: RouterConfig = Field(default_factory=RouterConfig, description="the gRPC front door")
+    prefix_caching: bool = Field(
+        default=True,
+        description="every rank keeps the KV of full prompt blocks it computed and reuses it for "
+        "later prompts with the same prefix (and the router prefers prefill ranks that hold a "
+        "prompt's prefix); false: every prompt is computed in full",
+    )
 
     @classmethod
     def from_args(

@@ -2,7 +2,7 @@
 dashboard in deploy/grafana/ reads them). The router's own metrics are in router/metrics.py.
 
 Each rank sets its gauges from the `RankStatus` it reports every 0.5 s; cumulative counters
-(dispatch bytes) advance by the difference since the previous report.
+(dispatch bytes, prefix-cache tokens) advance by the difference since the previous report.
 """
 
 from __future__ import annotations
@@ -40,7 +40,25 @@ class RankMetrics:
             "MoE all-to-all bytes exchanged with other ranks",
             (*_RANK_TAGS, "direction"),
         )
-        self._sent = self._received = 0
+        self.kv_cached = Gauge(
+            "moe_kv_blocks_cached", "KV blocks held in the prefix cache", _RANK_TAGS
+        )
+        self.prefix_hit_rate = Gauge(
+            "moe_prefix_cache_hit_rate",
+            "prefix-cache hit tokens / looked-up tokens since the rank started (0..1)",
+            _RANK_TAGS,
+        )
+        self.prefix_query = Counter(
+            "moe_prefix_cache_query_tokens_total",
+            "tokens of admitted requests looked up in the prefix cache",
+            _RANK_TAGS,
+        )
+        self.prefix_hits = Counter(
+            "moe_prefix_cache_hit_tokens_total",
+            "tokens found in the prefix cache (prefill not computed again)",
+            _RANK_TAGS,
+        )
+        self._sent = self._received = self._queried = self._hit = 0
 
     def update(self, s: RankStatus) -> None:
         tags = {"stage": s.stage, "gang": s.gang_id, "rank": str(s.rank)}
@@ -49,16 +67,20 @@ class RankMetrics:
         self.kv_used.set(s.kv_blocks_used, tags)
         self.running.set(s.running_requests, tags)
         self.tokens_per_s.set(s.tokens_per_s, tags)
+        self.kv_cached.set(s.kv_blocks_cached, tags)
+        self.prefix_hit_rate.set(s.prefix_hit_rate, tags)
         for layer, counts in zip(s.moe_layers, s.expert_load, strict=True):
             total = sum(counts)
             layer_tags = {**tags, "layer": str(layer)}
             self.layer_tokens.set(total, layer_tags)
             if total:
                 self.imbalance.set(max(counts) / (total / len(counts)), layer_tags)
-        for direction, now, attr in (
-            ("sent", s.dispatch_bytes_sent, "_sent"),
-            ("received", s.dispatch_bytes_received, "_received"),
+        for counter, extra, now, attr in (
+            (self.dispatch, {"direction": "sent"}, s.dispatch_bytes_sent, "_sent"),
+            (self.dispatch, {"direction": "received"}, s.dispatch_bytes_received, "_received"),
+            (self.prefix_query, {}, s.prefix_query_tokens, "_queried"),
+            (self.prefix_hits, {}, s.prefix_hit_tokens, "_hit"),
         ):
-            if now > getattr(self, attr):
-                self.dispatch.inc(now - getattr(self, attr), {**tags, "direction": direction})
+            if now > getattr(self, attr):  # counters advance by the change since last report
+                counter.inc(now - getattr(self, attr), {**tags, **extra})
                 setattr(self, attr, now)

@@ -33,6 +33,7 @@ def _config(args: argparse.Namespace) -> ClusterConfig:
         "prefill_gang_size": args.prefill_gang_size,
         "decode_gangs": args.decode_gangs,
         "decode_gang_size": args.decode_gang_size,
+        "prefix_caching": False if args.no_prefix_caching else None,
     }
     if args.config is not None:
         return ClusterConfig.from_yaml(args.config, **flat)

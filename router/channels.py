@@ -17,7 +17,8 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 
-from router.balancing import prefix_key, rank_decode, rank_prefill
+from router.balancing import cached_tokens, rank_decode, rank_prefill
+from workers.engine.block_hash import prompt_marks
 from workers.messages import (
     MIGRATE,
     Abort,
@@ -38,6 +39,8 @@ __all__ = ["RankChannel", "RankDirectory"]
 
 log = logging.getLogger("moe_cluster.router")
 
+ROUTED_MARKS = 4096  # prompt-block marks a channel remembers sending (its rank will cache them)
+
 
 class RankChannel:
     def __init__(self, address: RankAddress, peer_id: str, rank_timeout_s: float) -> None:
@@ -51,6 +54,9 @@ class RankChannel:
         # own submits the rank has not taken in yet: (submit number, prompt tokens, KV blocks)
         self._unadmitted: collections.deque[tuple[int, int, int]] = collections.deque()
         self._num_submitted = 0
+        # summary marks of prompts this router sent the rank (most recent last): their blocks
+        # are cached there once computed, before the rank's reports can say so
+        self._routed: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self.on_lost: Callable[[RankChannel], None] = lambda ch: None
@@ -79,14 +85,35 @@ class RankChannel:
             accepting=r.accepting,
         )
 
-    def submit(self, msg: Submit, queue: asyncio.Queue[Delta], kv_blocks: int) -> None:
+    def cached_tokens(self, marks: list[tuple[int, int]]) -> int:
+        """Tokens of a prompt (its `prompt_marks`) the rank holds or will hold."""
+        return cached_tokens(marks, self.reported.cached_prefixes, self._routed)
+
+    def expect(self, marks: list[tuple[int, int]]) -> None:
+        """Remember that a prompt with these marks goes to this rank."""
+        for _, h in marks:
+            self._routed[h] = None
+            self._routed.move_to_end(h)
+        while len(self._routed) > ROUTED_MARKS:
+            self._routed.popitem(last=False)
+
+    def submit(
+        self,
+        msg: Submit,
+        queue: asyncio.Queue[Delta],
+        kv_blocks: int,
+        prompt_tokens: int | None = None,
+    ) -> None:
+        """Send `msg`; until the rank takes it in, count `kv_blocks` and `prompt_tokens` (the
+        prompt tokens it will compute; default: all, or none when `msg` brings its KV) as load."""
         if not self.alive or self._writer is None:
             queue.put_nowait(Delta.ended(msg.request_id, MIGRATE, "its rank was lost"))
             return
         self.requests[msg.request_id] = queue
         self._num_submitted += 1
-        prompt = 0 if msg.kv is not None else len(msg.prompt_token_ids)
-        self._unadmitted.append((self._num_submitted, prompt, kv_blocks))
+        if prompt_tokens is None:
+            prompt_tokens = 0 if msg.kv is not None else len(msg.prompt_token_ids)
+        self._unadmitted.append((self._num_submitted, prompt_tokens, kv_blocks))
         write_frame(self._writer, msg)
 
     def abort(self, request_id: str) -> None:
@@ -174,7 +201,6 @@ class RankDirectory:
         self._lost: set[str] = set()  # replica ids whose channel broke: never reconnected
         self._changed = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._affinity: collections.OrderedDict[tuple[int, ...], str] = collections.OrderedDict()
 
     def start(self) -> RankDirectory:
         if self._task is None:
@@ -230,11 +256,12 @@ class RankDirectory:
 
     async def pick(
         self, stage: str, prompt_token_ids: list[int], continuation: bool = False
-    ) -> RankChannel:
-        """The best healthy rank of `stage` by its policy; waits while there is none (the
-        caller bounds the wait with its deadline). A `continuation` (a request already running
-        in the cluster: handoff or migration) may go to a draining rank when no other is left,
-        so a drained cluster still finishes what it admitted."""
+    ) -> tuple[RankChannel, int]:
+        """The best healthy rank of `stage` by its policy, and the prompt tokens it is expected
+        to compute (its prefix cache taken off); waits while there is none (the caller bounds
+        the wait with its deadline). A `continuation` (a request already running in the
+        cluster: handoff or migration) may go to a draining rank when no other is left, so a
+        drained cluster still finishes what it admitted."""
         while True:
             candidates = self.healthy(stage)
             if not candidates and continuation:
@@ -246,18 +273,26 @@ class RankDirectory:
             self._changed.clear()
             await self._changed.wait()
 
-    def _choose(self, stage: str, candidates: list[RankChannel], prompt: list[int]):
+    def _choose(
+        self, stage: str, candidates: list[RankChannel], prompt: list[int]
+    ) -> tuple[RankChannel, int]:
         by_key = {ch.key: ch for ch in candidates}
         loads = [ch.load() for ch in candidates]
         if stage == "decode":
-            return by_key[rank_decode(loads)[0]]
-        prefix = prefix_key(prompt)
-        best = by_key[rank_prefill(loads, self._affinity.get(prefix))[0]]
-        self._affinity[prefix] = best.key
-        self._affinity.move_to_end(prefix)
-        if len(self._affinity) > 4096:
-            self._affinity.popitem(last=False)
-        return best
+            return by_key[rank_decode(loads)[0]], len(prompt)
+        marks: dict[tuple[int, bytes], list[tuple[int, int]]] = {}  # one model: one entry
+        cached = {}
+        for ch in candidates:
+            a = ch.address
+            if a.cache_salt:
+                key = (a.block_size, a.cache_salt)
+                if key not in marks:
+                    marks[key] = prompt_marks(prompt, a.block_size, a.cache_salt)
+                cached[ch.key] = ch.cached_tokens(marks[key])
+        best = by_key[rank_prefill(loads, len(prompt), cached)[0]]
+        if best.address.cache_salt:
+            best.expect(marks[(best.address.block_size, best.address.cache_salt)])
+        return best, len(prompt) - cached.get(best.key, 0)
 
     def kv_blocks(self, num_tokens: int) -> int:
         return math.ceil((num_tokens + 1) / self.block_size)

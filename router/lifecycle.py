@@ -74,7 +74,9 @@ async def run_request(directory: RankDirectory, state: RequestState) -> AsyncGen
 async def _attempt(directory: RankDirectory, state: RequestState) -> AsyncIterator[Delta]:
     """One submission to one rank, until it finishes, hands off or hands the request back."""
     decode = state.stage == "decode"
-    rank = await directory.pick(state.stage, state.prompt_token_ids, continuation=decode)
+    rank, to_compute = await directory.pick(
+        state.stage, state.prompt_token_ids, continuation=decode
+    )
     queue: asyncio.Queue[Delta] = asyncio.Queue()
     msg = Submit(
         state.request_id,
@@ -86,7 +88,7 @@ async def _attempt(directory: RankDirectory, state: RequestState) -> AsyncIterat
     )
     num_tokens = len(state.prompt_token_ids) + len(state.delivered)
     state.rank = rank
-    rank.submit(msg, queue, directory.kv_blocks(num_tokens))
+    rank.submit(msg, queue, directory.kv_blocks(num_tokens), None if decode else to_compute)
     while True:
         d = await queue.get()
         if d.error_kind is None:

@@ -295,6 +295,10 @@ def cluster_status_message(statuses: list[RankStatus]) -> pb.ClusterStatus:
                 tokens_per_s=s.tokens_per_s,
                 tokens_processed=s.tokens_processed,
                 accepting=s.accepting,
+                kv_blocks_cached=s.kv_blocks_cached,
+                prefix_query_tokens=s.prefix_query_tokens,
+                prefix_hit_tokens=s.prefix_hit_tokens,
+                prefix_hit_rate=s.prefix_hit_rate,
             )
             for layer, counts in zip(s.moe_layers, s.expert_load, strict=True):
                 r.expert_load.add(layer=layer, tokens_per_expert=counts)

@@ -32,7 +32,8 @@ __all__ = [
     "Submit",
 ]
 
-PROTOCOL = 1  # bumped when a message changes shape; Hello carries it
+PROTOCOL = 2  # bumped when a message changes shape; Hello carries it
+MAX_CACHED_PREFIXES = 256  # entries of RankLoad.cached_prefixes: bounds every load report
 
 # Delta.error_kind values: what the router does with a request that ended without finishing
 INVALID = "invalid"  # bad input the rank caught: INVALID_ARGUMENT to the client
@@ -53,6 +54,8 @@ class RankAddress:
     world_size: int
     host: str
     port: int
+    block_size: int = 16  # tokens per KV block: routers hash prompts in the same blocks
+    cache_salt: bytes = b""  # root of the rank's block-hash chains; empty: no prefix cache
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,9 @@ class RankLoad:
     kv_blocks_total: int = 1
     running_requests: int = 0
     accepting: bool = True  # False while draining: no new requests
+    # short hashes of prompt blocks the rank's prefix cache holds, at the chain depths of
+    # `block_hash.is_summary_depth`, most recently used first, at most MAX_CACHED_PREFIXES
+    cached_prefixes: frozenset[int] = frozenset()
 
     @property
     def kv_usage(self) -> float:
@@ -196,10 +202,17 @@ class RankStatus:
     dispatch_bytes_sent: int = 0  # MoE all-to-all bytes to other ranks since the rank started
     dispatch_bytes_received: int = 0  # ... and from them
     accepting: bool = True  # False while draining
+    kv_blocks_cached: int = 0  # blocks in the prefix cache (in use or free to evict)
+    prefix_query_tokens: int = 0  # tokens looked up in the prefix cache since start
+    prefix_hit_tokens: int = 0  # of those, found cached: prefill not computed again
 
     @property
     def kv_usage(self) -> float:
         return self.kv_blocks_used / max(1, self.kv_blocks_total)
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / max(1, self.prefix_query_tokens)
 
 
 @dataclass(frozen=True)

@@ -270,14 +270,14 @@ def test_prefill_follows_queued_prompt_tokens(client, cluster):
         InferenceClient(cluster, token=TOKEN, timeout_s=120) as other,
         ThreadPoolExecutor(5) as pool,
     ):
-        long = pool.submit(other.complete, prompt_token_ids=[7] * 3900, max_tokens=1)
+        long = pool.submit(other.complete, prompt_token_ids=[13] * 3900, max_tokens=1)
         _wait_status(
             client,
             lambda rs: any(r.queued_prompt_tokens > 0 for r in rs["prefill"]),
             "the long prompt queued on a prefill rank",
         )
         shorts = [
-            pool.submit(other.complete, prompt_token_ids=[3, i] * 25, max_tokens=1)
+            pool.submit(other.complete, prompt_token_ids=[17, 40 + i] * 25, max_tokens=1)
             for i in range(4)
         ]
         assert all(s.result(120).finish_reason == "length" for s in shorts)
@@ -291,6 +291,61 @@ def test_prefill_follows_queued_prompt_tokens(client, cluster):
     # the 4 short prompts (50 tokens each) on one rank, the long one alone on the other; the
     # slack (< 50) covers earlier tests' last tokens that reached `before` after it was read
     assert 3900 <= long_ < 3950 and 200 <= short < 250, (before, _brief(after))
+
+
+def _prefill_counters(client: InferenceClient) -> dict[str, tuple[int, int]]:
+    return {
+        r.replica_id: (r.prefix_query_tokens, r.prefix_hit_tokens)
+        for r in _ranks(client, "prefill")
+    }
+
+
+def _counted(client: InferenceClient, before: dict[str, tuple[int, int]], tokens: int):
+    """Per prefill rank: (tokens looked up, tokens hit) since `before`, once `tokens` more
+    were looked up in all (status lags the ranks by up to 0.5 s)."""
+
+    def done(rs: dict[str, list[pb.RankStatus]]) -> bool:
+        return sum(r.prefix_query_tokens for r in rs["prefill"]) >= sum(
+            q for q, _ in before.values()
+        ) + tokens
+
+    _wait_status(client, done, f"{tokens} more prompt tokens admitted on the prefill ranks")
+    after = _prefill_counters(client)
+    return {k: (q - before[k][0], h - before[k][1]) for k, (q, h) in after.items()}
+
+
+def test_shared_prefixes_land_where_they_are_cached_and_unrelated_prompts_spread(client, cluster):
+    """One request puts a 196-token prefix in one prefill rank's cache; 8 requests sharing
+    it (the module's request bound), sent at once, all go there and compute only their own
+    tails (8 tokens each); 4
+    unrelated 200-token prompts sent at once still spread over both ranks."""
+    _wait_status(client, _idle, "an idle cluster")
+    prefix = [(31 * i) % 400 + 50 for i in range(196)]
+    before = _prefill_counters(client)
+    client.complete(prompt_token_ids=prefix + [1, 2, 3, 4], max_tokens=1)
+    warm = _counted(client, before, 200)
+    (holder,) = [k for k, (q, _) in warm.items() if q == 200]
+
+    def run(ids: list[int]) -> str:
+        with InferenceClient(cluster, token=TOKEN, timeout_s=120) as c:
+            return c.complete(prompt_token_ids=ids, max_tokens=1).finish_reason
+
+    before = _prefill_counters(client)
+    tails = [[5 + i, 6 + i, 7, 8, 9, 10, 11, 12] for i in range(MAX_INFLIGHT)]
+    with ThreadPoolExecutor(MAX_INFLIGHT) as pool:
+        assert list(pool.map(run, [prefix + t for t in tails])) == ["length"] * MAX_INFLIGHT
+    shared = _counted(client, before, MAX_INFLIGHT * 204)
+    # each finds the 196-token prefix (49 blocks of 4) cached on the holder
+    assert shared[holder] == (MAX_INFLIGHT * 204, MAX_INFLIGHT * 196), shared
+
+    before = _prefill_counters(client)
+    unrelated = [[(7 * i + 13 * j) % 450 + 30 for i in range(200)] for j in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(run, unrelated)) == ["length"] * 4
+    spread = _counted(client, before, 4 * 200)
+    assert sorted(q for q, _ in spread.values()) == [400, 400], spread
+    status = {r.replica_id: r for r in _ranks(client, "prefill")}[holder]
+    assert status.kv_blocks_cached >= 49 and 0 < status.prefix_hit_rate < 1
 
 
 def test_decode_follows_kv_usage_and_cancel_frees_kv(client):
@@ -401,6 +456,8 @@ def _scrape() -> dict[str, list[tuple[str, float]]]:
 
 def test_metrics_on_rays_prometheus_endpoint(client):
     client.complete("Once upon", max_tokens=6, temperature=0.0, ignore_eos=True)
+    for _ in range(2):  # the second finds the first's prompt blocks cached
+        client.complete(prompt_token_ids=list(range(60, 81)), max_tokens=1)
     want = {
         "ray_moe_ttft_seconds_count": lambda ls: sum(v for _, v in ls) >= 1,
         "ray_moe_itl_seconds_count": lambda ls: sum(v for _, v in ls) >= 5,
@@ -412,6 +469,10 @@ def test_metrics_on_rays_prometheus_endpoint(client):
         "ray_moe_dispatch_bytes_total": lambda ls: any(
             'direction="sent"' in lb and v > 0 for lb, v in ls
         ),
+        "ray_moe_prefix_cache_query_tokens_total": lambda ls: sum(v for _, v in ls) >= 42,
+        "ray_moe_prefix_cache_hit_tokens_total": lambda ls: sum(v for _, v in ls) >= 20,
+        "ray_moe_prefix_cache_hit_rate": lambda ls: any(v > 0 for _, v in ls),
+        "ray_moe_kv_blocks_cached": lambda ls: any(v >= 5 for _, v in ls),
     }
     deadline = time.monotonic() + 60
     while True:

@@ -59,6 +59,9 @@ SERIES = {
     "ray_moe_running_requests",
     "ray_moe_expert_load_imbalance",
     "ray_moe_dispatch_bytes_total",
+    "ray_moe_prefix_cache_hit_tokens_total",
+    "ray_moe_prefix_cache_query_tokens_total",
+    "ray_moe_kv_blocks_cached",
 }
 DASHBOARD_METRICS = SERIES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 

@@ -11,9 +11,10 @@ released first (a sequence releases its tail first, so a chain is evicted from i
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
-from workers.engine.block_hash import BlockHash, block_hashes, short_hash
+from workers.engine.block_hash import BlockHash, block_hashes, is_summary_depth, short_hash
 from workers.engine.sequence import Sequence
 
 __all__ = ["BlockManager"]
@@ -36,7 +37,8 @@ class BlockManager:
         self.salt = salt
         self._refs = [0] * num_blocks
         self._hash: list[BlockHash | None] = [None] * num_blocks
-        self._depth = [0] * num_blocks  # a registered block's index in its chain
+        # registered blocks at summary depths -> short hash, least recently used first
+        self._marks: OrderedDict[int, int] = OrderedDict()
         self._by_hash: dict[BlockHash, int] = {}
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out 0, 1, ...
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; LRU first
@@ -89,6 +91,7 @@ class BlockManager:
             if self._refs[block] == 0:
                 if self._hash[block] is not None:
                     self._evictable[block] = None
+                    self._touch(block)
                 else:
                     self._free.append(block)
         seq.block_table = []
@@ -127,6 +130,7 @@ class BlockManager:
             if self._refs[block] == 0:
                 del self._evictable[block]
             self._refs[block] += 1
+            self._touch(block)
             seq.block_table.append(block)
         seq.num_committed_blocks = n
         seq.num_computed = n * self.block_size
@@ -149,22 +153,21 @@ class BlockManager:
         for i, h in enumerate(self.hashes(seq, n * self.block_size)[start:], start):
             block = seq.block_table[i]
             if self._hash[block] is None and h not in self._by_hash:
-                self._hash[block], self._depth[block] = h, i
+                self._hash[block] = h
                 self._by_hash[h] = block
+                if is_summary_depth(i):
+                    self._marks[block] = short_hash(h)
                 self.version += 1
         seq.num_committed_blocks = n
 
-    def summary(self, depths: frozenset[int], limit: int) -> frozenset[int]:
-        """Short hashes of cached blocks at the given chain depths (block indices), at most
-        `limit`, most recently used first: what a rank tells routers it holds."""
-        picked: list[int] = []
-        in_use = [b for b, r in enumerate(self._refs) if r and self._hash[b] is not None]
-        for block in [*in_use, *reversed(self._evictable)]:
-            if self._depth[block] in depths:
-                picked.append(short_hash(self._hash[block]))  # type: ignore[arg-type]
-                if len(picked) == limit:
-                    break
-        return frozenset(picked)
+    def summary(self, limit: int) -> frozenset[int]:
+        """Short hashes of the `limit` most recently used cached blocks at summary depths
+        (`block_hash.is_summary_depth`): what a rank tells routers it holds."""
+        return frozenset(self._marks[b] for b in itertools.islice(reversed(self._marks), limit))
+
+    def _touch(self, block: int) -> None:
+        if block in self._marks:
+            self._marks.move_to_end(block)
 
     def _take_free(self) -> int:
         if self._free:
@@ -172,6 +175,7 @@ class BlockManager:
         block, _ = self._evictable.popitem(last=False)
         del self._by_hash[self._hash[block]]  # type: ignore[arg-type]
         self._hash[block] = None
+        self._marks.pop(block, None)
         self.num_evictions += 1
         self.version += 1
         return block

@@ -60,8 +60,9 @@ class Scheduler:
 
     @property
     def num_queued_prompt_tokens(self) -> int:
-        """Prompt tokens still to compute: waiting sequences and the rest of chunked prefills."""
-        waiting = sum(s.num_tokens - s.num_computed for s in self.waiting)
+        """Prompt tokens still to compute: waiting sequences (less what was cached when they
+        were queued) and the rest of chunked prefills."""
+        waiting = sum(s.num_tokens - max(s.num_computed, s.num_cached_hint) for s in self.waiting)
         return waiting + sum(max(0, len(s.prompt_token_ids) - s.num_computed) for s in self.running)
 
     def add(self, seq: Sequence) -> None:
@@ -70,6 +71,7 @@ class Scheduler:
                 f"waiting queue is full ({self.config.max_waiting} requests); retry later"
             )
         seq.status = SequenceStatus.WAITING
+        seq.num_cached_hint = self.blocks.match(seq)
         self.waiting.append(seq)
 
     def schedule(self) -> list[ScheduledSeq]:

@@ -93,5 +93,7 @@ def start_rank(
         member.world_size,
         host,
         port,
+        block_size=rank.engine.blocks.block_size,
+        cache_salt=rank.engine.blocks.salt if rank.engine.blocks.prefix_caching else b"",
     )
     return ServingRank(rank, channel, address)

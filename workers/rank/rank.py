@@ -32,6 +32,7 @@ from workers.messages import (
     DRAINING,
     FULL,
     INVALID,
+    MAX_CACHED_PREFIXES,
     MIGRATE,
     Abort,
     Delta,
@@ -140,6 +141,7 @@ class Rank:
         self._state = _State()
         self._rate = _Rate()
         self._status_at = 0.0
+        self._summary: tuple[int, frozenset[int]] = (-1, frozenset())  # (cache version, it)
         self._moe_layers = _moe_layer_indices(engine)
         self.failed: BaseException | None = None  # set when the loop died
         self.snapshot = RankSnapshot(self._load(), None)
@@ -321,7 +323,15 @@ class Rank:
             kv_blocks_total=s.kv_blocks_total,
             running_requests=s.num_requests,
             accepting=self._accepting,
+            cached_prefixes=self._cached_prefixes(),
         )
+
+    def _cached_prefixes(self) -> frozenset[int]:
+        """The prefix-cache summary for routers, rebuilt only when the cache changed."""
+        blocks = self.engine.blocks
+        if self._summary[0] != blocks.version:
+            self._summary = (blocks.version, blocks.summary(MAX_CACHED_PREFIXES))
+        return self._summary[1]
 
     def _status(self, now: float) -> RankStatus:
         s, m = self.engine.stats(), self.member
@@ -344,6 +354,9 @@ class Rank:
             dispatch_bytes_sent=sent,
             dispatch_bytes_received=received,
             accepting=self._accepting,
+            kv_blocks_cached=s.kv_blocks_cached,
+            prefix_query_tokens=s.prefix_query_tokens,
+            prefix_hit_tokens=s.prefix_hit_tokens,
         )
 
 

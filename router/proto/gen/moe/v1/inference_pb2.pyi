@@ -145,7 +145,7 @@ class GangStatus(_message.Message):
     def __init__(self, gang_id: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ...) -> None: ...
 
 class RankStatus(_message.Message):
-    __slots__ = ("rank", "replica_id", "running_requests", "queued_prompt_tokens", "kv_blocks_used", "kv_blocks_total", "tokens_per_s", "expert_load", "tokens_processed", "accepting")
+    __slots__ = ("rank", "replica_id", "running_requests", "queued_prompt_tokens", "kv_blocks_used", "kv_blocks_total", "tokens_per_s", "expert_load", "tokens_processed", "accepting", "kv_blocks_cached", "prefix_query_tokens", "prefix_hit_tokens", "prefix_hit_rate")
     RANK_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,10 @@ class RankStatus(_message.Message):
     EXPERT_LOAD_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTING_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     replica_id: str
     running_requests: int
@@ -166,7 +170,11 @@ class RankStatus(_message.Message):
     expert_load: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
     tokens_processed: int
     accepting: bool
-    def __init__(self, rank: _Optional[int] = ..., replica_id: _Optional[str] = ..., running_requests: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., tokens_processed: _Optional[int] = ..., accepting: _Optional[bool] = ...) -> None: ...
+    kv_blocks_cached: int
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    prefix_hit_rate: float
+    def __init__(self, rank: _Optional[int] = ..., replica_id: _Optional[str] = ..., running_requests: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., tokens_processed: _Optional[int] = ..., accepting: _Optional[bool] = ..., kv_blocks_cached: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("replica_ids",)
