@@ -195,6 +195,7 @@ class RouterServer:
                         block_size=cfg.decode.block_size,
                         rank_timeout_s=r.rank_timeout_s,
                         refresh_s=REPORT_PERIOD_S,
+                        cache_aware=r.prefill_policy == "cache_aware",
                     ).start()
                 )
             return directories[0]

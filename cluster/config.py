@@ -223,6 +223,12 @@ class RouterConfig(_Schema):
         description="tokens per streamed message when a request does not set "
         "sampling.stream_interval (the first token and the last message are always sent at once)",
     )
+    prefill_policy: Literal["cache_aware", "least_loaded"] = Field(
+        default="cache_aware",
+        description="cache_aware: the prefill rank with the least work before the prompt's "
+        "first token, its cached prefix of the prompt taken off (queued + prompt - cached "
+        "tokens); least_loaded: the fewest queued prompt tokens, caches ignored",
+    )
     max_stop_strings: int = Field(default=16, ge=0, description="stop strings per request")
     max_stop_string_chars: int = Field(default=256, gt=0, description="characters per stop string")
     request_timeout_s: float = Field(

@@ -191,12 +191,14 @@ class RankDirectory:
         block_size: int = 16,
         rank_timeout_s: float = 10.0,
         refresh_s: float = 0.5,
+        cache_aware: bool = True,
     ) -> None:
         self._list_ranks = list_ranks
         self.peer_id = peer_id
         self.block_size = block_size
         self.rank_timeout_s = rank_timeout_s
         self.refresh_s = refresh_s
+        self.cache_aware = cache_aware  # False: prefill by queued tokens alone
         self.channels: dict[str, RankChannel] = {}
         self._lost: set[str] = set()  # replica ids whose channel broke: never reconnected
         self._changed = asyncio.Event()
@@ -284,13 +286,13 @@ class RankDirectory:
         cached = {}
         for ch in candidates:
             a = ch.address
-            if a.cache_salt:
+            if a.cache_salt and self.cache_aware:
                 key = (a.block_size, a.cache_salt)
                 if key not in marks:
                     marks[key] = prompt_marks(prompt, a.block_size, a.cache_salt)
                 cached[ch.key] = ch.cached_tokens(marks[key])
         best = by_key[rank_prefill(loads, len(prompt), cached)[0]]
-        if best.address.cache_salt:
+        if best.key in cached:
             best.expect(marks[(best.address.block_size, best.address.cache_salt)])
         return best, len(prompt) - cached.get(best.key, 0)
 

@@ -147,6 +147,25 @@ def test_offline_ep2_prints_the_same_json_as_ep1(model):
     assert len(expert_parallel.stdout.strip().splitlines()) == 3
 
 
+def test_offline_without_prefix_caching_prints_the_same_json(model):
+    shared = ",".join(str(t) for t in range(40, 60))
+    args = ("offline", "--model", str(model), "--max-tokens", "5", "--ignore-eos", "--json")
+    prompts = ("--prompt-ids", shared + ",7", "--prompt-ids", shared + ",8,9")
+    cached = _run(*args, *prompts)
+    assert _run(*args, *prompts, "--no-prefix-caching").stdout == cached.stdout
+    assert len(cached.stdout.strip().splitlines()) == 2
+
+
 def test_bad_ep_size_is_a_clear_error(model):
     proc = _run("offline", "--model", str(model), "--prompt", "hi", "--ep", "0", check=False)
     assert proc.returncode == 2 and "error: --ep:" in proc.stderr
+
+
+def test_serve_no_prefix_caching_flag_turns_the_cache_off(model):
+    from cluster.cli import _parser
+    from cluster.serve_cmd import _config
+
+    def config(*flags: str):
+        return _config(_parser().parse_args(["serve", "--model", str(model), *flags]))
+
+    assert config().prefix_caching and not config("--no-prefix-caching").prefix_caching

@@ -36,6 +36,20 @@ def test_defaults_are_the_embedded_cpu_shape():
     assert cfg.decode.block_size == 16
     assert cfg.router.port == 9000 and cfg.router.auth_tokens == []
     assert (cfg.router.max_stop_strings, cfg.router.max_stop_string_chars) == (16, 256)
+    assert cfg.prefix_caching and cfg.router.prefill_policy == "cache_aware"
+
+
+def test_prefix_caching_off_reaches_every_rank_engine():
+    from cluster.app import engine_config
+
+    on = ClusterConfig.from_args({"model": MODEL})
+    off = on.with_overrides(prefix_caching=False)
+    for stage in ("prefill", "decode"):
+        assert engine_config(on, stage).prefix_caching
+        assert not engine_config(off, stage).prefix_caching
+    with pytest.raises(ConfigError) as info:
+        ClusterConfig.from_args({"model": MODEL, "router": {"prefill_policy": "random"}})
+    assert [p for p, _ in info.value.problems] == ["router.prefill_policy"]
 
 
 def _custom() -> ClusterConfig:

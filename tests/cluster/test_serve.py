@@ -499,11 +499,12 @@ def test_status_groups_ranks_by_stage_and_gang(client):
 
 def test_deadline_during_prefill_stops_the_prefill(client):
     """A client deadline that passes mid-prefill aborts it on the prefill rank: the rank stops
-    short of the prompt's 3,900 tokens and frees the blocks."""
+    short of the prompt's 3,900 tokens and frees the blocks. (A prompt no other test sends: a
+    cached one would finish before the deadline.)"""
     _wait_status(client, _idle, "an idle cluster")
     before = sum(r.tokens_processed for r in _ranks(client, "prefill"))
     with pytest.raises(ClientError) as err:
-        list(client.generate(prompt_token_ids=[7] * 3900, max_tokens=1, timeout_s=0.5))
+        list(client.generate(prompt_token_ids=[19] * 3900, max_tokens=1, timeout_s=0.5))
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     ranks = _wait_status(
         client,
