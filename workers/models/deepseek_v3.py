@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.models.attention import AttentionMetadata, attend, gather_context, write_kv
+from workers.models.attention import AttentionMetadata, paged_attention, write_kv
 from workers.models.decoder import DecoderLayer, DecoderLM
 from workers.models.layers import (
     MLP,
@@ -95,13 +95,14 @@ class MLAttention(nn.Module):
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([c, self.rope_dim], dim=-1)
         k_rope = self.rotary(k_rope[:, None], *cos_sin)[:, 0]  # [T, R]
         write_kv(cache, meta, torch.cat((self.kv_a_layernorm(latent), k_rope), dim=-1))  # [S, C+R]
-        ctx = gather_context(cache, meta)[:, :, None]  # [B, L, 1, C + R]: one shared KV head
         # Weight absorption: q_nope . (W_uk c) = (q_nope W_uk) . c and sum_l a_l W_uv c_l =
         # W_uv sum_l a_l c_l, so attention runs in latent space and the context is never expanded.
         w_uk, w_uv = self.kv_b_proj.weight.view(n, -1, c).split([self.nope_dim, self.v_dim], 1)
         q_latent = torch.einsum("tnd,ndc->tnc", q_nope, w_uk)  # [T, N, C]
         q = torch.cat((q_latent, self.rotary(q_rope, *cos_sin)), dim=-1)  # [T, N, C + R]
-        out = attend(q, ctx, ctx[..., :c], meta, self.scale)  # [T, N, C]
+        out = paged_attention(  # contexts [b, L, C + R]: one KV head shared by all heads
+            q, cache, meta, lambda ctx: (ctx[:, :, None], ctx[:, :, None, :c]), self.scale
+        )  # [T, N, C]
         out = torch.einsum("tnc,nvc->tnv", out, w_uv)  # [T, N, Dv]
         return self.o_proj(out.reshape(t, -1))
 

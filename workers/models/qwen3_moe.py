@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from workers.models.attention import AttentionMetadata, attend, gather_context, write_kv
+from workers.models.attention import AttentionMetadata, paged_attention, write_kv
 from workers.models.decoder import DecoderLayer, DecoderLM
 from workers.models.layers import MLP, RMSNorm, apply_rotary
 from workers.moe.experts import RoutedExperts
@@ -55,8 +55,9 @@ class GQAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
         write_kv(cache, meta, torch.stack((k, v), dim=1))  # cache [S, 2, Hkv, D]
-        ctx = gather_context(cache, meta)  # [B, L, 2, Hkv, D]
-        out = attend(q, ctx[:, :, 0], ctx[:, :, 1], meta, self.scale)  # [T, Hq, D]
+        out = paged_attention(  # contexts [b, L, 2, Hkv, D]: K and V
+            q, cache, meta, lambda ctx: (ctx[:, :, 0], ctx[:, :, 1]), self.scale
+        )  # [T, Hq, D]
         return self.o_proj(out.reshape(t, -1))
 
 
