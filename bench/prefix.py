@@ -74,8 +74,9 @@ def offline(path: Path, prompts: list[list[int]], new: int, caching: bool) -> di
 
 def served(path: Path, prompts: list[list[int]], new: int, extra: dict) -> dict[str, float]:
     port = free_port()
+    router = {"port": port, "request_timeout_s": 3600, **extra.get("router", {})}
     cfg = ClusterConfig.from_args(
-        {"model": {"path": str(path)}, "router": {"port": port, **extra.get("router", {})}}
+        {"model": {"path": str(path)}, "router": router}
         | {k: v for k, v in extra.items() if k != "router"}
     )
     with deployed(cfg) as target:

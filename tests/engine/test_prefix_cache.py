@@ -170,3 +170,19 @@ def test_abort_never_leaks_a_shared_block(tiny_checkpoint):
     stats = engine.stats()
     assert stats.kv_blocks_used == 0 and stats.num_running == 0
     assert stats.kv_blocks_cached >= baseline.kv_blocks_cached
+
+
+def test_a_prefix_shared_within_one_batch_is_computed_once(tiny_checkpoint):
+    """Five prompts arrive together with one 12-token prefix: the first computes it, the others
+    wait for its blocks instead of computing them again, then compute only their own 3 tokens."""
+    path = tiny_checkpoint("qwen3_moe")
+    prefix = _tokens(12, 21)
+    prompts = [prefix + _tokens(3, 30 + i) for i in range(5)]
+    first = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    reference = _engine(path, False, budget=64).generate([(p, first) for p in prompts])
+    engine = _engine(path, True, budget=64)
+    outs = engine.generate([(p, first) for p in prompts])
+    assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
+    stats = engine.stats()
+    assert stats.num_tokens_processed == 15 + 4 * 3  # one prefix, five tails
+    assert stats.prefix_hit_tokens == 4 * 12 and stats.kv_blocks_used == 0

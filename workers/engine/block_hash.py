@@ -44,9 +44,11 @@ def block_hashes(
     (the caller's earlier result for the same prefix) and only the rest are computed."""
     out = list(known)
     parent = out[-1] if out else salt
-    for start in range(len(out) * block_size, len(token_ids) - block_size + 1, block_size):
-        chunk = array("q", token_ids[start : start + block_size]).tobytes()
-        parent = hashlib.blake2b(parent + chunk, digest_size=_DIGEST).digest()
+    first, full = len(out), len(token_ids) // block_size
+    data = array("q", token_ids[first * block_size : full * block_size]).tobytes()
+    step = block_size * 8  # bytes of one block's int64 tokens
+    for at in range(0, len(data), step):
+        parent = hashlib.blake2b(parent + data[at : at + step], digest_size=_DIGEST).digest()
         out.append(parent)
     return out
 

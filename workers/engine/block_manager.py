@@ -136,6 +136,21 @@ class BlockManager:
         seq.num_computed = n * self.block_size
         return seq.num_computed
 
+    def next_hash(self, seq: Sequence) -> BlockHash | None:
+        """The hash of `seq`'s first block not computed yet (None: no such full block, or no
+        prefix cache)."""
+        if not self.prefix_caching:
+            return None
+        i = seq.num_computed // self.block_size
+        hashes = self.hashes(seq, seq.num_tokens - 1)
+        return hashes[i] if i < len(hashes) else None
+
+    def pending(self, seq: Sequence) -> list[BlockHash]:
+        """Hashes of `seq`'s full blocks that join the cache once computed."""
+        if not self.prefix_caching:
+            return []
+        return self.hashes(seq, seq.num_tokens)[seq.num_committed_blocks :]
+
     def record_lookup(self, num_tokens: int, num_hit: int) -> None:
         """Count one admission: `num_tokens` looked up, `num_hit` of them found cached."""
         self.num_query_tokens += num_tokens

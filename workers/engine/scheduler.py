@@ -98,23 +98,33 @@ class Scheduler:
             self.blocks.allocate(seq, seq.num_computed + n)
             plan[seq] = n
             budget -= n
+        # blocks running prompts are computing: a waiting prompt that needs one of them next
+        # waits for it to be cached instead of computing it again (SGLang's in-batch prefix
+        # sharing); the prompts behind it go first
+        computing = {h for s in self.running if self._left(s) > 1 for h in self.blocks.pending(s)}
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and not preempted:
             if len(self.running) >= self.config.max_num_seqs:
                 break
-            seq = self.waiting[0]
+            seq = self.waiting.popleft()
             hit = self.blocks.take_cached(seq)  # shared prefix: computed already
+            if computing and self.blocks.next_hash(seq) in computing:
+                self._unadmit(seq)
+                deferred.append(seq)
+                continue
             n = min(self._left(seq), budget, cap or budget)
             if not self.blocks.can_allocate(seq, seq.num_computed + n):
-                self.blocks.free(seq)
-                seq.num_computed = 0
+                self._unadmit(seq)
+                self.waiting.appendleft(seq)
                 break
             self.blocks.record_lookup(seq.num_tokens, hit)
-            self.waiting.popleft()
             self.blocks.allocate(seq, seq.num_computed + n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             plan[seq] = n
             budget -= n
+            computing.update(self.blocks.pending(seq))
+        self.waiting.extendleft(reversed(deferred))
         if cap is not None and not preempted:  # budget the cap left: the nearest-done prompts
             for seq in sorted(plan, key=lambda s: self._left(s) - plan[s]):
                 n = plan[seq]
@@ -124,6 +134,11 @@ class Scheduler:
                     plan[seq] = n + extra
                     budget -= extra
         return [ScheduledSeq(seq, n) for seq, n in plan.items()]
+
+    def _unadmit(self, seq: Sequence) -> None:
+        """Give back the cached blocks a waiting sequence took for admission."""
+        self.blocks.free(seq)
+        seq.num_computed = 0
 
     @staticmethod
     def _left(seq: Sequence) -> int:
