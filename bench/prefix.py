@@ -84,21 +84,28 @@ def served(path: Path, prompts: list[list[int]], new: int, extra: dict) -> dict[
         with InferenceClient(target, timeout_s=60) as client:
             before = prefill_counters(client)
             stats = run_streams(target, prompts, new)
-            want = before[0] + sum(len(p) for p in prompts)
+            want = sum(q for q, _ in before.values()) + sum(len(p) for p in prompts)
             deadline = time.monotonic() + 30
             after = prefill_counters(client)
-            while after[0] < want and time.monotonic() < deadline:
+            while sum(q for q, _ in after.values()) < want and time.monotonic() < deadline:
                 time.sleep(0.2)  # ranks report every 0.5 s; bounded by the deadline
                 after = prefill_counters(client)
-    stats["prefill"] = after[1] - before[1]
+    stats["prefill"] = sum(c for _, c in after.values()) - sum(c for _, c in before.values())
+    mean = sum(len(p) for p in prompts) / len(prompts)
+    stats["requests_per_rank"] = sorted(
+        round((after[k][0] - before[k][0]) / mean) for k in after
+    )
     return stats
 
 
-def prefill_counters(client: InferenceClient) -> tuple[int, int]:
-    """(prompt tokens looked up, tokens run through the model) over the prefill ranks."""
+def prefill_counters(client: InferenceClient) -> dict[str, tuple[int, int]]:
+    """Per prefill rank: (prompt tokens looked up, tokens run through the model)."""
     (dep,) = [d for d in client.cluster_status().deployments if d.name == "prefill"]
-    ranks = [r for g in dep.gangs for r in g.ranks]
-    return sum(r.prefix_query_tokens for r in ranks), sum(r.tokens_processed for r in ranks)
+    return {
+        r.replica_id: (r.prefix_query_tokens, r.tokens_processed)
+        for g in dep.gangs
+        for r in g.ranks
+    }
 
 
 def row(name: str, r: dict[str, float], off: dict[str, float]) -> str:
@@ -121,6 +128,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="no-sharing runs per setting")
     ap.add_argument("--skip-served", action="store_true")
     ap.add_argument("--skip-offline", action="store_true")
+    ap.add_argument(
+        "--served-runs", default="off,least_loaded,cache_aware", help="which served runs"
+    )
     args = ap.parse_args()
     path = checkpoint("deepseek_v3", "bench")
     vocab = int(json.loads((path / "config.json").read_text())["vocab_size"])
@@ -143,18 +153,23 @@ def main() -> None:
         print(row("cache off", off, off))
         print(row("cache on", on, off), flush=True)
     if not args.skip_served:
-        runs = {
-            "cache off": {"prefix_caching": False},
-            "cache on, least_loaded routing": {"router": {"prefill_policy": "least_loaded"}},
-            "cache on, cache_aware routing": {},
+        every = {
+            "off": ("cache off", {"prefix_caching": False}),
+            "least_loaded": (
+                "cache on, least_loaded routing",
+                {"router": {"prefill_policy": "least_loaded"}},
+            ),
+            "cache_aware": ("cache on, cache_aware routing", {}),
         }
+        runs = dict(every[k] for k in args.served_runs.split(","))
         results = {}
         for name, extra in runs.items():
             results[name] = served(path, prompts, new, extra)
             print(f"served, {name}: {results[name]}", flush=True)
         print("\nserved (default shape: prefill 1 gang x 2, decode 1 gang x 2)\n" + header)
+        base = results.get("cache off") or next(iter(results.values()))
         for name, r in results.items():
-            print(row(name, r, results["cache off"]), flush=True)
+            print(row(name, r, base) + f" requests per prefill rank {r['requests_per_rank']}")
     if args.plain:
         g = torch.Generator().manual_seed(1)
         n = args.system_tokens + args.unique
