@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.serve import checkpoint, deployed, percentile, run_streams
+from bench.serve import checkpoint, deployed, offline_burst, percentile, run_streams
 from cluster.config import ClusterConfig
 from cluster.net import free_port
 from router.client import InferenceClient
@@ -51,17 +51,8 @@ def offline(path: Path, prompts: list[list[int]], new: int, caching: bool) -> di
     engine.generate([([5, 6, 7, 8], SamplingParams(max_tokens=2))])
     before = engine.stats().num_tokens_processed
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
-    ids = [f"r{i}" for i in range(len(prompts))]
-    start = time.perf_counter()
-    for rid, p in zip(ids, prompts, strict=True):
-        engine.add_request(rid, params, prompt_token_ids=p)
-    first: dict[str, float] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            first.setdefault(out.request_id, time.perf_counter() - start)
-    elapsed = time.perf_counter() - start
+    ttft, elapsed = offline_burst(engine, prompts, params)
     computed = engine.stats().num_tokens_processed - before - len(prompts) * (new - 1)
-    ttft = [first[r] for r in ids]
     del engine
     gc.collect()
     return {
