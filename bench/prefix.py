@@ -21,6 +21,7 @@ DeepSeek-V3 "bench" preset.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from bench.burst import burst
 from bench.serve import checkpoint, deployed, offline_burst, percentile, run_streams
 from cluster.config import ClusterConfig
 from cluster.net import free_port
@@ -63,7 +65,11 @@ def offline(path: Path, prompts: list[list[int]], new: int, caching: bool) -> di
     }
 
 
-def served(path: Path, prompts: list[list[int]], new: int, extra: dict) -> dict[str, float]:
+def served(
+    path: Path, prompts: list[list[int]], new: int, extra: dict, first_only: bool = False
+) -> dict[str, float]:
+    """The workload against a fresh deployment; `first_only`: each stream is closed after its
+    first token (no decoding competes with the burst's prefill on this machine's 2 cores)."""
     port = free_port()
     router = {"port": port, "request_timeout_s": 3600, **extra.get("router", {})}
     cfg = ClusterConfig.from_args(
@@ -74,7 +80,15 @@ def served(path: Path, prompts: list[list[int]], new: int, extra: dict) -> dict[
         run_streams(target, [[5, 6, 7, 8]], 2)  # warm-up
         with InferenceClient(target, timeout_s=60) as client:
             before = prefill_counters(client)
-            stats = run_streams(target, prompts, new)
+            if first_only:
+                firsts = asyncio.run(burst(target, prompts, new, first_only=True))
+                stats = {
+                    "ttft_p50": percentile(firsts, 50) * 1e3,
+                    "ttft_p99": percentile(firsts, 99) * 1e3,
+                    "tok_s": float("nan"),
+                }
+            else:
+                stats = run_streams(target, prompts, new)
             want = sum(q for q, _ in before.values()) + sum(len(p) for p in prompts)
             deadline = time.monotonic() + 30
             after = prefill_counters(client)
@@ -120,6 +134,9 @@ def main() -> None:
     ap.add_argument("--skip-served", action="store_true")
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument(
+        "--first-only", action="store_true", help="served: close each stream at its first token"
+    )
+    ap.add_argument(
         "--served-runs", default="off,least_loaded,cache_aware", help="which served runs"
     )
     args = ap.parse_args()
@@ -155,7 +172,7 @@ def main() -> None:
         runs = dict(every[k] for k in args.served_runs.split(","))
         results = {}
         for name, extra in runs.items():
-            results[name] = served(path, prompts, new, extra)
+            results[name] = served(path, prompts, new, extra, args.first_only)
             print(f"served, {name}: {results[name]}", flush=True)
         print("\nserved (default shape: prefill 1 gang x 2, decode 1 gang x 2)\n" + header)
         base = results.get("cache off") or next(iter(results.values()))
