@@ -85,7 +85,8 @@ class BlockManager:
             seq.block_table.append(block)
 
     def free(self, seq: Sequence) -> None:
-        """Drop `seq`'s references (tail first); its computed KV stays cached while unused."""
+        """Drop `seq`'s references (tail first); its computed KV stays cached while unused.
+        Without blocks nothing of `seq` counts as computed."""
         for block in reversed(seq.block_table):
             self._refs[block] -= 1
             if self._refs[block] == 0:
@@ -96,6 +97,7 @@ class BlockManager:
                     self._free.append(block)
         seq.block_table = []
         seq.num_committed_blocks = 0
+        seq.num_computed = 0
 
     # --- the prefix cache --------------------------------------------------------------
     def hashes(self, seq: Sequence, num_tokens: int) -> list[BlockHash]:

@@ -190,7 +190,6 @@ class Engine:
         hit = self.blocks.take_cached(seq, max_tokens=p)
         if not self.blocks.can_allocate(seq, seq.num_tokens):
             self.blocks.free(seq)
-            seq.num_computed = 0
             return False
         self.blocks.record_lookup(p, hit)
         self.blocks.allocate(seq, seq.num_tokens)

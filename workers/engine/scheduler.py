@@ -109,12 +109,12 @@ class Scheduler:
             seq = self.waiting.popleft()
             hit = self.blocks.take_cached(seq)  # shared prefix: computed already
             if computing and self.blocks.next_hash(seq) in computing:
-                self._unadmit(seq)
+                self.blocks.free(seq)  # the cached blocks it took for admission
                 deferred.append(seq)
                 continue
             n = min(self._left(seq), budget, cap or budget)
             if not self.blocks.can_allocate(seq, seq.num_computed + n):
-                self._unadmit(seq)
+                self.blocks.free(seq)  # the cached blocks it took for admission
                 self.waiting.appendleft(seq)
                 break
             self.blocks.record_lookup(seq.num_tokens, hit)
@@ -134,11 +134,6 @@ class Scheduler:
                     plan[seq] = n + extra
                     budget -= extra
         return [ScheduledSeq(seq, n) for seq, n in plan.items()]
-
-    def _unadmit(self, seq: Sequence) -> None:
-        """Give back the cached blocks a waiting sequence took for admission."""
-        self.blocks.free(seq)
-        seq.num_computed = 0
 
     @staticmethod
     def _left(seq: Sequence) -> int:
@@ -163,7 +158,6 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)
-        seq.num_computed = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
