@@ -16,6 +16,7 @@ ranks, tiny DeepSeek-V3 (4k context), auth off.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -110,6 +111,23 @@ def _replica_pids() -> dict[str, int]:
     return pids
 
 
+def _signal_rank(replica_id: str, sig: int) -> int:
+    """Send sig to the replica's process; returns its PID. Ray's actor table can lag a replica
+    that Serve has just replaced or restarted, so a PID that is gone is looked up again."""
+    deadline = time.monotonic() + 30
+    while True:
+        pid = _replica_pids().get(replica_id)
+        if pid is not None:
+            try:
+                os.kill(pid, sig)
+                return pid
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"no live process for replica {replica_id} (last PID {pid})")
+        time.sleep(0.2)  # polling Ray's actor table, bounded by the deadline
+
+
 def _router_pid() -> int:
     for a in ray_state.actors(actor_state_name="ALIVE").values():
         if (a["Name"] or "").startswith("SERVE_REPLICA::") and "#Router#" in a["Name"]:
@@ -185,7 +203,7 @@ def _decoding(target, client, model_dir, n: int, seed: int) -> tuple[_Streams, l
 
 def test_killed_decode_rank_loses_no_stream(client, target, model_dir):
     streams, ref, victim = _decoding(target, client, model_dir, 8, seed=1)
-    os.kill(_replica_pids()[victim.replica_id], signal.SIGKILL)
+    _signal_rank(victim.replica_id, signal.SIGKILL)
     streams.join()
     assert streams.errors == [None] * 8
     assert streams.tokens == ref
@@ -197,12 +215,12 @@ def test_frozen_decode_rank_is_detected_and_loses_no_stream(client, target, mode
     router.rank_timeout_s and its gang peer's collectives time out after
     decode.collective_timeout_s; both hand their streams back, which finish elsewhere."""
     streams, ref, victim = _decoding(target, client, model_dir, 8, seed=7)
-    pid = _replica_pids()[victim.replica_id]
-    os.kill(pid, signal.SIGSTOP)
+    pid = _signal_rank(victim.replica_id, signal.SIGSTOP)
     try:
         streams.join()
     finally:
-        os.kill(pid, signal.SIGCONT)  # if Serve has not replaced it yet
+        with contextlib.suppress(ProcessLookupError):  # Serve may have killed it already
+            os.kill(pid, signal.SIGCONT)
     assert streams.errors == [None] * 8
     assert streams.tokens == ref
     _wait(client, _healthy_and_idle, "the frozen rank's gang replaced and every rank idle")
@@ -220,7 +238,7 @@ def test_killed_prefill_rank_during_prefill_loses_no_stream(client, target, mode
         timeout_s=60,
     )
     victim = max(ranks["prefill"], key=lambda r: r.queued_prompt_tokens)
-    os.kill(_replica_pids()[victim.replica_id], signal.SIGKILL)
+    _signal_rank(victim.replica_id, signal.SIGKILL)
     streams.join()
     assert streams.errors == [None] * 8
     assert streams.tokens == ref
