@@ -148,6 +148,7 @@ class Engine:
         self._requests: dict[str, _Tracked] = {}
         self._arrivals = itertools.count()
         self.num_tokens_processed = 0  # prompt + generated tokens run through the model
+        self.last_batch: list[tuple[str, int, int]] = []  # (request id, start, tokens) last step
         self._generator = torch.Generator().manual_seed(self.config.seed)
 
     # --- requests ----------------------------------------------------------------------
@@ -286,6 +287,7 @@ class Engine:
         ranks are stepping, so with nothing to run it still runs an empty forward (zero tokens)
         to take its part in every MoE layer's collectives."""
         batch = self.scheduler.schedule()
+        self.last_batch = [(b.seq.request_id, b.seq.num_computed, b.num_new) for b in batch]
         if not batch:
             if participate:
                 self._open_load_step()

@@ -41,6 +41,7 @@ from workers.messages import (
     RankStatus,
     Submit,
 )
+from workers.rank.trace import StepTrace
 
 __all__ = ["GangMember", "Publish", "Rank", "RankSnapshot", "STATUS_PERIOD_S"]
 
@@ -145,6 +146,7 @@ class Rank:
         self._moe_layers = _moe_layer_indices(engine)
         self.failed: BaseException | None = None  # set when the loop died
         self.snapshot = RankSnapshot(self._load(), None)
+        self._trace = StepTrace.from_env(member.stage, member.gang_id, member.rank)
         self._thread = threading.Thread(target=self._run, name="rank-loop", daemon=True)
 
     # --- any thread --------------------------------------------------------------------------
@@ -224,6 +226,7 @@ class Rank:
             if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
                 self._hand_back(out, "its rank was drained")
             outputs: list | None
+            started = time.time()
             if self._lockstep is not None:  # leave only when the whole gang agrees
                 self._lockstep.stop_requested = self._stop.is_set()
                 self._lockstep.leave_requested = self._leave.is_set()
@@ -234,6 +237,8 @@ class Rank:
                 return
             else:
                 outputs = self.engine.step() if self.engine.has_unfinished() else None
+            if self._trace is not None and outputs is not None:
+                self._trace.record(started, time.time(), self.engine)
             for o in outputs or ():
                 held = self._state.held.get(o.request_id)
                 if held is None:

@@ -1,0 +1,59 @@
+"""Paged attention's padded parts: how a step's sequences are grouped, and that any grouping gives
+the attention of each sequence computed on its own."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from workers.models import attention
+from workers.models.attention import AttentionMetadata, paged_attention, padding_groups
+
+
+def test_tails_are_not_padded_to_a_long_prompt():
+    # 15 cache-hit tails (64 new over 1,024 cached) and one whole 1,088-token prompt
+    groups = padding_groups([1024] * 15 + [0], [64] * 15 + [1088])
+    assert groups == [list(range(15)), [15]]
+
+
+def test_alike_sequences_stay_one_part_in_batch_order():
+    assert padding_groups([900, 10, 500, 3], [1, 1, 1, 1]) == [[0, 1, 2, 3]]
+    assert padding_groups([0, 0, 0], [40, 36, 38]) == [[0, 1, 2]]
+
+
+def test_decodes_split_from_a_chunk():
+    groups = padding_groups([300] * 8 + [0], [1] * 8 + [1000])
+    assert groups == [list(range(8)), [8]]
+
+
+def _reference(q, cache, cached, new, tables, block, scale):
+    """Each sequence on its own: plain causal softmax attention over its context."""
+    out, row = [], 0
+    for c, n, table in zip(cached, new, tables, strict=True):
+        slots = [table[p // block] * block + p % block for p in range(c + n)]
+        k = v = cache[torch.tensor(slots)]  # [L, H, D]
+        for j in range(n):
+            qj = q[row + j]  # [H, D]
+            scores = torch.einsum("hd,lhd->hl", qj, k[: c + j + 1]) * scale
+            out.append(torch.einsum("hl,lhd->hd", scores.softmax(-1), v[: c + j + 1]))
+        row += n
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("slack", [0, attention.PAD_SLACK_CELLS])
+def test_any_grouping_equals_each_sequence_alone(monkeypatch, slack):
+    monkeypatch.setattr(attention, "PAD_SLACK_CELLS", slack)
+    gen = torch.Generator().manual_seed(0)
+    block, heads, dim = 4, 2, 8
+    cached, new = [12, 0, 5, 30, 7], [1, 17, 3, 1, 9]
+    tables = [[i * 10 + j for j in range(10)] for i in range(5)]
+    cache = torch.randn(60 * block, heads, dim, generator=gen)
+    q = torch.randn(sum(new), heads, dim, generator=gen)
+    meta = AttentionMetadata.build(cached, new, tables, block)
+    assert (len(meta.parts) > 1) == (slack == 0)  # several parts, or one in batch order
+    scale = 1 / math.sqrt(dim)
+    got = paged_attention(q, cache, meta, lambda ctx: (ctx, ctx), scale)
+    ref = _reference(q, cache, cached, new, tables, block, scale)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
