@@ -305,9 +305,10 @@ def _counted(client: InferenceClient, before: dict[str, tuple[int, int]], tokens
     were looked up in all (status lags the ranks by up to 0.5 s)."""
 
     def done(rs: dict[str, list[pb.RankStatus]]) -> bool:
-        return sum(r.prefix_query_tokens for r in rs["prefill"]) >= sum(
-            q for q, _ in before.values()
-        ) + tokens
+        return (
+            sum(r.prefix_query_tokens for r in rs["prefill"])
+            >= sum(q for q, _ in before.values()) + tokens
+        )
 
     _wait_status(client, done, f"{tokens} more prompt tokens admitted on the prefill ranks")
     after = _prefill_counters(client)
@@ -315,10 +316,10 @@ def _counted(client: InferenceClient, before: dict[str, tuple[int, int]], tokens
 
 
 def test_shared_prefixes_land_where_they_are_cached_and_unrelated_prompts_spread(client, cluster):
-    """One request puts a 196-token prefix in one prefill rank's cache; 8 requests sharing
-    it (the module's request bound), sent at once, all go there and compute only their own
-    tails (8 tokens each); 4
-    unrelated 200-token prompts sent at once still spread over both ranks."""
+    """One request puts a 196-token prefix in one prefill rank's cache; 16 requests sharing
+    it, 8 at a time (the module's request bound), all go there and compute only their own
+    tails (8 tokens each); 4 unrelated 200-token prompts sent at once still spread over both
+    ranks."""
     _wait_status(client, _idle, "an idle cluster")
     prefix = [(31 * i) % 400 + 50 for i in range(196)]
     before = _prefill_counters(client)
@@ -331,12 +332,13 @@ def test_shared_prefixes_land_where_they_are_cached_and_unrelated_prompts_spread
             return c.complete(prompt_token_ids=ids, max_tokens=1).finish_reason
 
     before = _prefill_counters(client)
-    tails = [[5 + i, 6 + i, 7, 8, 9, 10, 11, 12] for i in range(MAX_INFLIGHT)]
+    n = 2 * MAX_INFLIGHT  # 16, in two bursts of the module's request bound
+    tails = [[5 + i, 6 + i, 7, 8, 9, 10, 11, 12] for i in range(n)]
     with ThreadPoolExecutor(MAX_INFLIGHT) as pool:
-        assert list(pool.map(run, [prefix + t for t in tails])) == ["length"] * MAX_INFLIGHT
-    shared = _counted(client, before, MAX_INFLIGHT * 204)
+        assert list(pool.map(run, [prefix + t for t in tails])) == ["length"] * n
+    shared = _counted(client, before, n * 204)
     # each finds the 196-token prefix (49 blocks of 4) cached on the holder
-    assert shared[holder] == (MAX_INFLIGHT * 204, MAX_INFLIGHT * 196), shared
+    assert shared[holder] == (n * 204, n * 196), shared
 
     before = _prefill_counters(client)
     unrelated = [[(7 * i + 13 * j) % 450 + 30 for i in range(200)] for j in range(4)]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from workers.models import attention
-from workers.models.attention import AttentionMetadata, paged_attention, padding_groups
+from workers.models.attention import AttentionMetadata, padding_groups, paged_attention
 
 
 def test_tails_are_not_padded_to_a_long_prompt():

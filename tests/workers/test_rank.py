@@ -3,6 +3,7 @@ drain refuses new work and hands back what outlives the grace, a bad submit is a
 
 from __future__ import annotations
 
+import json
 import queue
 
 import pytest
@@ -69,3 +70,21 @@ def test_bad_submit_is_answered_and_the_loop_goes_on(rank):
     seen = _until(rank, lambda s: "ok" in s and s["ok"][-1].finished)
     assert seen["bad"][-1].error_kind == INVALID and "vocabulary" in seen["bad"][-1].error
     assert seen["ok"][-1].finish_reason in ("length", "stop")
+
+
+def test_step_trace_writes_one_line_per_step(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_STEP_TRACE", str(tmp_path))
+    r = Rank(build_engine(tiny_checkpoint("qwen3_moe")), GangMember("prefill", "g", 1, 2, "r1"))
+    published: queue.SimpleQueue = queue.SimpleQueue()
+    r.publish = lambda by_session, load, admitted: published.put(by_session.get("s", []))
+    r.published = published  # type: ignore[attr-defined]
+    r.start()
+    try:
+        r.submit("s", Submit("t", [5, 6, 7, 8], SamplingParams(max_tokens=3, temperature=0)))
+        _until(r, lambda s: "t" in s and s["t"][-1].finished)
+    finally:
+        r.stop(10)
+    lines = [json.loads(x) for x in (tmp_path / "prefill-g-1.jsonl").read_text().splitlines()]
+    batches = [line["batch"] for line in lines if line["batch"]]
+    assert batches == [[["t", 0, 4]], [["t", 4, 1]], [["t", 5, 1]]]
+    assert all(line["dur"] >= 0 for line in lines)

@@ -60,9 +60,7 @@ class AttentionMetadata:
     def empty(device: torch.device | str = "cpu") -> AttentionMetadata:
         """A step with no tokens: an idle rank still runs its MoE layers' collectives."""
         none = torch.zeros(0, dtype=torch.int64, device=device)
-        return AttentionMetadata(
-            positions=none, slot_mapping=none, last_token_index=none, parts=()
-        )
+        return AttentionMetadata(positions=none, slot_mapping=none, last_token_index=none, parts=())
 
     @staticmethod
     def build(
