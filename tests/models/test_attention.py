@@ -8,8 +8,14 @@ import math
 import pytest
 import torch
 
+from workers import kernels
 from workers.models import attention
-from workers.models.attention import AttentionMetadata, padding_groups, paged_attention
+from workers.models.attention import (
+    AttentionMetadata,
+    KVLayout,
+    padding_groups,
+    paged_attention,
+)
 
 
 def test_tails_are_not_padded_to_a_long_prompt():
@@ -57,3 +63,42 @@ def test_any_grouping_equals_each_sequence_alone(monkeypatch, slack):
     got = paged_attention(q, cache, meta, lambda ctx: (ctx, ctx), scale)
     ref = _reference(q, cache, cached, new, tables, block, scale)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def _decode_case(layout_kind: str):
+    gen = torch.Generator().manual_seed(1)
+    block = 4
+    cached = [12, 0, 5, 30, 7, 100]
+    new = [1] * len(cached)
+    tables = [[i * 30 + j for j in range(30)] for i in range(len(cached))]
+    if layout_kind == "gqa":  # cache row [2, Hkv, D], 4 query heads over 2 KV heads
+        hkv, d = 2, 8
+        cache = torch.randn(200 * block, 2, hkv, d, generator=gen)
+        q = torch.randn(len(new), 4, d, generator=gen)
+        layout = KVLayout(hkv, 0, d, hkv * d, d, d)
+
+        def kv(ctx):
+            return ctx[:, :, 0], ctx[:, :, 1]
+
+    else:  # MLA latent row [C + R], every query head on the one latent head, v = [:C]
+        c, r = 12, 4
+        cache = torch.randn(200 * block, c + r, generator=gen)
+        q = torch.randn(len(new), 3, c + r, generator=gen)
+        layout = KVLayout(1, 0, 0, 0, 0, c)
+
+        def kv(ctx):
+            return ctx[:, :, None], ctx[:, :, None, :c]
+
+    return AttentionMetadata.build(cached, new, tables, block), q, cache, layout, kv
+
+
+@pytest.mark.parametrize("layout_kind", ["gqa", "mla"])
+def test_decode_kernel_equals_the_torch_path(layout_kind):
+    if kernels.kernel("paged_decode_attention") is None:
+        pytest.skip("the C++ kernels are not built here")
+    meta, q, cache, layout, kv = _decode_case(layout_kind)
+    assert [p.decode for p in meta.parts] == [True]
+    with torch.no_grad():
+        fast = paged_attention(q, cache, meta, kv, 0.3, layout)
+        slow = paged_attention(q, cache, meta, kv, 0.3)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)

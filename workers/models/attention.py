@@ -19,9 +19,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from workers import kernels
+
 __all__ = [
     "AttentionMetadata",
     "AttentionPart",
+    "KVLayout",
     "paged_attention",
     "padding_groups",
     "write_kv",
@@ -37,6 +40,22 @@ class AttentionPart:
     query_index: torch.Tensor  # [b, Q] int64: row in T of each padded query (pad: last real row)
     token_index: torch.Tensor  # [n] int64: row of each of the part's tokens in the [b * Q] queries
     mask: torch.Tensor  # [b, 1, Q, L] bool: True where a query may attend a key (causal + length)
+    context_lens: torch.Tensor  # [b] int64: each sequence's context length (cached + new)
+    decode: bool  # one new token per sequence (Q = 1)
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Where one KV head's key and value sit in a token's cache row (in elements), for the
+    kernel that reads them in place. GQA [2, Hkv, D]: k at h*D, v at Hkv*D + h*D; MLA's latent
+    [C + R]: one head, k = the whole row (C + R), v = its first C."""
+
+    num_kv_heads: int
+    k_offset: int
+    k_head_stride: int
+    v_offset: int
+    v_head_stride: int
+    v_dim: int
 
 
 @dataclass(frozen=True)
@@ -175,6 +194,8 @@ def _part(
         query_index=query_index.to(device),
         token_index=(local * q + row_in_seq).to(device),
         mask=mask[:, None].to(device),
+        context_lens=ctx.to(device),
+        decode=q == 1,
     )
 
 
@@ -189,14 +210,20 @@ def paged_attention(
     meta: AttentionMetadata,
     kv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     scale: float,
+    layout: KVLayout | None = None,
 ) -> torch.Tensor:
     """Causal attention of the step's queries q [T, Hq, Dk] over each sequence's context in a
     layer's `cache` [S, *shape] (already holding this step's tokens) -> [T, Hq, Dv]. `kv` turns
-    gathered contexts [b, L, *shape] into k [b, L, Hkv, Dk] and v [b, L, Hkv, Dv]."""
+    gathered contexts [b, L, *shape] into k [b, L, Hkv, Dk] and v [b, L, Hkv, Dv]. With
+    `layout`, decode parts run the C++ kernel that reads K/V in place where it is built."""
     out: torch.Tensor | None = None
     for part in meta.parts:
-        k, v = kv(cache[part.context_slots])
-        o = _attend(q, k, v, part, scale)  # [n, Hq, Dv]
+        o = None
+        if layout is not None and part.decode:
+            o = kernels.paged_decode_attention(q, cache, part, layout, scale)
+        if o is None:
+            k, v = kv(cache[part.context_slots])
+            o = _attend(q, k, v, part, scale)  # [n, Hq, Dv]
         if part.rows is None:
             return o
         if out is None:

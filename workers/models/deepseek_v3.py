@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.models.attention import AttentionMetadata, paged_attention, write_kv
+from workers.models.attention import AttentionMetadata, KVLayout, paged_attention, write_kv
 from workers.models.decoder import DecoderLayer, DecoderLM
 from workers.models.layers import (
     MLP,
@@ -75,6 +75,7 @@ class MLAttention(nn.Module):
         interleave = bool(getattr(config, "rope_interleave", True))
         self.rotary: Callable = apply_rotary_interleaved if interleave else apply_rotary
         self.scale = softmax_scale(config, qk_dim)
+        self.kv_layout = KVLayout(1, 0, 0, 0, 0, self.kv_lora_rank)  # row [C + R]; v = [:C]
 
     def forward(
         self,
@@ -101,7 +102,12 @@ class MLAttention(nn.Module):
         q_latent = torch.einsum("tnd,ndc->tnc", q_nope, w_uk)  # [T, N, C]
         q = torch.cat((q_latent, self.rotary(q_rope, *cos_sin)), dim=-1)  # [T, N, C + R]
         out = paged_attention(  # contexts [b, L, C + R]: one KV head shared by all heads
-            q, cache, meta, lambda ctx: (ctx[:, :, None], ctx[:, :, None, :c]), self.scale
+            q,
+            cache,
+            meta,
+            lambda ctx: (ctx[:, :, None], ctx[:, :, None, :c]),
+            self.scale,
+            self.kv_layout,
         )  # [T, N, C]
         out = torch.einsum("tnc,nvc->tnv", out, w_uv)  # [T, N, Dv]
         return self.o_proj(out.reshape(t, -1))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from workers.models.attention import AttentionMetadata, paged_attention, write_kv
+from workers.models.attention import AttentionMetadata, KVLayout, paged_attention, write_kv
 from workers.models.decoder import DecoderLayer, DecoderLM
 from workers.models.layers import MLP, RMSNorm, apply_rotary
 from workers.moe.experts import RoutedExperts
@@ -37,6 +37,8 @@ class GQAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.scale = self.head_dim**-0.5
+        hkv, d = self.num_kv_heads, self.head_dim
+        self.kv_layout = KVLayout(hkv, 0, d, hkv * d, d, d)  # cache row [2, Hkv, D]
 
     def forward(
         self,
@@ -56,7 +58,7 @@ class GQAttention(nn.Module):
         q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
         write_kv(cache, meta, torch.stack((k, v), dim=1))  # cache [S, 2, Hkv, D]
         out = paged_attention(  # contexts [b, L, 2, Hkv, D]: K and V
-            q, cache, meta, lambda ctx: (ctx[:, :, 0], ctx[:, :, 1]), self.scale
+            q, cache, meta, lambda ctx: (ctx[:, :, 0], ctx[:, :, 1]), self.scale, self.kv_layout
         )  # [T, Hq, D]
         return self.o_proj(out.reshape(t, -1))
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers import kernels
 from workers.moe.load_stats import ExpertLoad
 from workers.moe.placement import Placement, route_to_slots
 
@@ -51,6 +52,7 @@ class RoutedExperts(nn.Module):
         self.slot_to_logical: list[int] = list(range(num_experts))  # whose weights an id holds
         self.layer_index = 0  # this MoE layer's position among the model's MoE layers
         self.expert_load: ExpertLoad | None = None  # model-wide; see CausalLM.track_expert_load
+        self.use_kernel = True  # the fused C++ kernel when built (else the torch paths below)
 
     @property
     def num_logical(self) -> int:
@@ -149,6 +151,10 @@ class RoutedExperts(nn.Module):
             return torch.zeros_like(x)
         tokens = order // k  # [N], grouped by expert
         w = topk_weights.flatten().index_select(0, order).to(x.dtype)  # [N]
+        if self.use_kernel:  # C++: experts across threads, no padding (workers/kernels)
+            out = kernels.routed_ffn(x, tokens, w, counts, self.w13, self.w2)
+            if out is not None:
+                return out
         if _use_padded(counts):
             return self._padded(x, local, tokens, w, counts, cap)
         return self._looped(x, tokens, w, counts)

@@ -1,0 +1,100 @@
+"""Optional C++ CPU kernels, built once by `make install` (`python -m workers.kernels.build`).
+
+`routed_ffn` is the fused routed-expert FFN (`moe.cpp`), or None when it is not built (no
+compiler on the machine), disabled (`MOE_KERNELS=0`) or the tensors are not on the CPU: callers
+then use their pure-torch path, which computes the same thing. The build lives in
+`_build/<hash of the sources>/`, so a changed source is never loaded stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+import torch
+
+__all__ = ["SOURCES", "build_dir", "enabled", "kernel", "paged_decode_attention", "routed_ffn"]
+
+HERE = Path(__file__).parent
+SOURCES = [HERE / n for n in ("ops.cpp", "moe.cpp", "attention.cpp", "kernels.h")]
+NAME = "moe_kernels"
+
+
+def build_dir() -> Path:
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES))
+    digest.update(torch.__version__.encode())
+    return HERE / "_build" / digest.hexdigest()[:16]
+
+
+def enabled() -> bool:
+    return os.environ.get("MOE_KERNELS", "1") != "0"
+
+
+@cache
+def _module():
+    so = next(build_dir().glob(f"{NAME}*.so"), None)
+    if so is None:
+        return None
+    spec = importlib.util.spec_from_file_location(NAME, so)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def kernel(name: str) -> Callable | None:
+    """The built kernel `name`, or None (not built, or MOE_KERNELS=0)."""
+    if not enabled():
+        return None
+    module = _module()
+    return None if module is None else getattr(module, name)
+
+
+def routed_ffn(
+    x: torch.Tensor,
+    tokens: torch.Tensor,
+    weights: torch.Tensor,
+    counts: list[int],
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor | None:
+    """x [T, H], tokens [N] grouped by expert, weights [N], counts [El], w13 [El, 2I, H],
+    w2 [El, H, I] -> [T, H]; None when the kernel cannot run here (use the torch path)."""
+    fn = kernel("routed_ffn")
+    if fn is None or x.device.type != "cpu" or torch.is_grad_enabled():
+        return None
+    counts_t = torch.tensor(counts, dtype=torch.int64)
+    return fn(x.contiguous(), tokens, weights, counts_t, w13.detach(), w2.detach())
+
+
+def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, part, layout, scale: float):
+    """One decode part's attention read in place from `cache` (see attention.cpp): q [T, Hq, Dk]
+    (the step's queries), `part` an AttentionPart with Q = 1, `layout` a KVLayout ->
+    [b, Hq, Dv] in the part's order; None when the kernel cannot run here."""
+    fn = kernel("paged_decode_attention")
+    if (
+        fn is None
+        or q.device.type != "cpu"
+        or q.dtype != torch.float32
+        or cache.dtype != torch.float32
+        or torch.is_grad_enabled()
+    ):
+        return None
+    qp = q.index_select(0, part.query_index[:, 0])  # [b, Hq, Dk]
+    return fn(
+        qp,
+        cache,
+        part.context_slots,
+        part.context_lens,
+        layout.num_kv_heads,
+        layout.k_offset,
+        layout.k_head_stride,
+        layout.v_offset,
+        layout.v_head_stride,
+        layout.v_dim,
+        scale,
+    )
