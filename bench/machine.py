@@ -1,7 +1,10 @@
 """The machine figures the README's analysis rests on: read bandwidth, fp32 sgemm at large and at
 expert-sized row counts, and decode-step time of our engine vs transformers on the bench model.
 
-    python bench/kernels.py [--arch qwen3_moe] [--steps 16]
+    python -m bench.machine [--arch qwen3_moe] [--steps 16]
+
+(Not named kernels.py: a script run from bench/ would shadow the `kernels` package that
+transformers and vLLM import.)
 """
 
 from __future__ import annotations
