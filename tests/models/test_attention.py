@@ -102,3 +102,30 @@ def test_decode_kernel_equals_the_torch_path(layout_kind):
         fast = paged_attention(q, cache, meta, kv, 0.3, layout)
         slow = paged_attention(q, cache, meta, kv, 0.3)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2)])
+def test_fresh_prompts_of_one_length_use_the_causal_path(heads):
+    hq, hkv = heads
+    gen = torch.Generator().manual_seed(3)
+    block, dim = 4, 8
+    cached, new = [0, 0], [13, 13]
+    tables = [[i * 10 + j for j in range(10)] for i in range(2)]
+    cache = torch.randn(30 * block, 2, hkv, dim, generator=gen)
+    q = torch.randn(sum(new), hq, dim, generator=gen)
+    meta = AttentionMetadata.build(cached, new, tables, block)
+    assert [p.causal for p in meta.parts] == [True]
+    got = paged_attention(q, cache, meta, lambda ctx: (ctx[:, :, 0], ctx[:, :, 1]), 0.4)
+    g = hq // hkv
+    out, row = [], 0
+    for table, n in zip(tables, new, strict=True):
+        slots = torch.tensor([table[p // block] * block + p % block for p in range(n)])
+        k, v = cache[slots, 0], cache[slots, 1]  # [L, Hkv, D]
+        for j in range(n):
+            heads_out = []
+            for h in range(hq):
+                s = (k[: j + 1, h // g] @ q[row + j, h]) * 0.4
+                heads_out.append(s.softmax(-1) @ v[: j + 1, h // g])
+            out.append(torch.stack(heads_out))
+        row += n
+    torch.testing.assert_close(got, torch.stack(out), atol=1e-5, rtol=0)

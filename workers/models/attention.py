@@ -42,6 +42,7 @@ class AttentionPart:
     mask: torch.Tensor  # [b, 1, Q, L] bool: True where a query may attend a key (causal + length)
     context_lens: torch.Tensor  # [b] int64: each sequence's context length (cached + new)
     decode: bool  # one new token per sequence (Q = 1)
+    causal: bool  # nothing cached and every sequence Q long: SDPA's own causal mask, no `mask`
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,7 @@ def _part(
         mask=mask[:, None].to(device),
         context_lens=ctx.to(device),
         decode=q == 1,
+        causal=q > 1 and width == q and bool((new_t == q).all()),
     )
 
 
@@ -246,6 +248,13 @@ def _attend(
     g = hq // hkv
     qp = q[part.query_index]  # [b, Q, Hq, Dk]
     nq = qp.shape[1]
+    if part.causal:  # whole prompts of one length: the flash kernel's causal mask, no bool mask
+        qh = qp.transpose(1, 2)  # [b, Hq, Q, Dk]
+        kh, vh = k.transpose(1, 2), v.transpose(1, 2)  # [b, Hkv, L, D]
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, is_causal=True, scale=scale, enable_gqa=g > 1
+        )  # [b, Hq, Q, Dv]
+        return out.transpose(1, 2).reshape(b * nq, hq, dv)[part.token_index]
     qg = qp.view(b, nq, hkv, g, dk).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * nq, dk)
     mask = part.mask if g == 1 else part.mask.repeat(1, 1, g, 1)  # [b, 1, G*Q, L]
     out = F.scaled_dot_product_attention(
