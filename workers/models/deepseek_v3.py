@@ -96,11 +96,14 @@ class MLAttention(nn.Module):
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([c, self.rope_dim], dim=-1)
         k_rope = self.rotary(k_rope[:, None], *cos_sin)[:, 0]  # [T, R]
         write_kv(cache, meta, torch.cat((self.kv_a_layernorm(latent), k_rope), dim=-1))  # [S, C+R]
+        q_rope = self.rotary(q_rope, *cos_sin)
+        if not any(part.decode for part in meta.parts):
+            return self.o_proj(self._expanded(q_nope, q_rope, cache, meta).reshape(t, -1))
         # Weight absorption: q_nope . (W_uk c) = (q_nope W_uk) . c and sum_l a_l W_uv c_l =
         # W_uv sum_l a_l c_l, so attention runs in latent space and the context is never expanded.
         w_uk, w_uv = self.kv_b_proj.weight.view(n, -1, c).split([self.nope_dim, self.v_dim], 1)
         q_latent = torch.einsum("tnd,ndc->tnc", q_nope, w_uk)  # [T, N, C]
-        q = torch.cat((q_latent, self.rotary(q_rope, *cos_sin)), dim=-1)  # [T, N, C + R]
+        q = torch.cat((q_latent, q_rope), dim=-1)  # [T, N, C + R]
         out = paged_attention(  # contexts [b, L, C + R]: one KV head shared by all heads
             q,
             cache,
@@ -111,6 +114,26 @@ class MLAttention(nn.Module):
         )  # [T, N, C]
         out = torch.einsum("tnc,nvc->tnv", out, w_uv)  # [T, N, Dv]
         return self.o_proj(out.reshape(t, -1))
+
+    def _expanded(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, meta
+    ) -> torch.Tensor:
+        """Prompt chunks only: attention in the expanded form transformers uses, each context's
+        latents turned into per-head keys and values by kv_b_proj. For long queries it costs
+        less than the absorbed form (q.k over Dn + R = 96 dims and values of Dv = 64 per head
+        on the bench shapes, against C + R = 160 and C = 128), as vLLM does for prefill.
+        q_nope [T, N, Dn], q_rope [T, N, R] -> [T, N, Dv]."""
+        n, c, dn = self.num_heads, self.kv_lora_rank, self.nope_dim
+
+        def kv(ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # ctx [b, L, C + R]
+            b, length = ctx.shape[:2]
+            kvx = self.kv_b_proj(ctx[..., :c]).view(b, length, n, dn + self.v_dim)
+            k_nope, v = kvx.split([dn, self.v_dim], dim=-1)
+            k_rope = ctx[..., None, c:].expand(b, length, n, self.rope_dim)
+            return torch.cat((k_nope, k_rope), dim=-1), v  # [b, L, N, Dn + R], [b, L, N, Dv]
+
+        q = torch.cat((q_nope, q_rope), dim=-1)  # [T, N, Dn + R]
+        return paged_attention(q, cache, meta, kv, self.scale)
 
 
 class _Router(nn.Module):
