@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bench.offline import checkpoint
+from bench.offline import checkpoint, hf_generate
 from workers.engine import SamplingParams
 from workers.engine.build import build_engine
 
@@ -63,16 +63,7 @@ def decode_step_ms(arch: str, steps: int) -> tuple[float, float]:
 
     def run(new: int) -> float:
         start = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                pad_token_id=None,
-                eos_token_id=None,
-            )
+        hf_generate(model, ids, new)
         return time.perf_counter() - start
 
     theirs = (run(steps + 1) - run(1)) / steps

