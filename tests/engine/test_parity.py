@@ -24,13 +24,16 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
 
 
-def _transformers_greedy(model, prompt: list[int]) -> tuple[list[int], list[float]]:
-    ids = torch.tensor([prompt])
+def transformers_greedy(
+    model, prompt: list[int], new_tokens: int = NEW_TOKENS, device: str = "cpu"
+) -> tuple[list[int], list[float]]:
+    """transformers' greedy tokens for `prompt` and each one's log-probability."""
+    ids = torch.tensor([prompt], device=device)
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
-        max_new_tokens=NEW_TOKENS,
-        min_new_tokens=NEW_TOKENS,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
         do_sample=False,
         output_logits=True,
         return_dict_in_generate=True,
@@ -55,7 +58,7 @@ def test_greedy_tokens_match_transformers(name, tiny_checkpoint):
     outputs = engine.generate([(p, params) for p in prompts])
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     for prompt, out in zip(prompts, outputs, strict=True):
-        ref_tokens, ref_logprobs = _transformers_greedy(reference, prompt)
+        ref_tokens, ref_logprobs = transformers_greedy(reference, prompt)
         assert out.token_ids == ref_tokens, f"{name}: prompt of {len(prompt)} tokens diverged"
         ours = [lp[t] for lp, t in zip(out.logprobs or [], out.token_ids, strict=True)]
         assert ours == pytest.approx(ref_logprobs, abs=1e-4)

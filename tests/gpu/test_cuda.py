@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
+from tests.engine.test_parity import transformers_greedy
 from workers.engine import SamplingParams
 from workers.engine.build import build_engine
 from workers.moe.dispatch import AllToAllDispatcher
@@ -36,25 +37,12 @@ def test_bf16_greedy_matches_transformers_on_cuda(name, tiny_checkpoint):
     outputs = engine.generate([(p, params) for p in prompts])
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
     for prompt, out in zip(prompts, outputs, strict=True):
-        ids = torch.tensor([prompt], device="cuda")
-        ref = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=None,
-            eos_token_id=None,
-        )
-        ref_tokens = ref.sequences[0, len(prompt) :].tolist()
+        ref_tokens, ref_logprobs = transformers_greedy(hf, prompt, NEW_TOKENS, "cuda")
         assert out.token_ids[:FIRST_EQUAL] == ref_tokens[:FIRST_EQUAL], name
         for i, (a, b) in enumerate(zip(out.token_ids, ref_tokens, strict=True)):
             if a != b:
                 break
-            theirs = float(torch.log_softmax(ref.logits[i][0].float(), -1)[b])
-            assert abs((out.logprobs or [])[i][a] - theirs) <= LOGPROB_ATOL, (name, i)
+            assert abs((out.logprobs or [])[i][a] - ref_logprobs[i]) <= LOGPROB_ATOL, (name, i)
 
 
 def test_nccl_dispatch_equals_local_experts(tmp_path):
