@@ -1,8 +1,10 @@
 """Optional C++ CPU kernels, built once by `make install` (`python -m workers.kernels.build`).
 
-`routed_ffn` is the fused routed-expert FFN (`moe.cpp`), or None when it is not built (no
-compiler on the machine), disabled (`MOE_KERNELS=0`) or the tensors are not on the CPU: callers
-then use their pure-torch path, which computes the same thing. The build lives in
+`routed_ffn` (the fused routed-expert FFN, `moe.cpp`) and `paged_decode_attention` (decode
+attention reading K/V in place, `attention.cpp`) return None when the kernel is not built (no
+compiler on the machine), disabled (`MOE_KERNELS=0`) or cannot take the tensors (not on the
+CPU, autograd on, a dtype it lacks): callers then use their pure-torch path, which computes
+the same thing. The build lives in
 `_build/<hash of the sources>/`, so a changed source is never loaded stale.
 """
 

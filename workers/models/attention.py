@@ -39,7 +39,8 @@ class AttentionPart:
     context_slots: torch.Tensor  # [b, L] int64: cache slots of each sequence's context (pad: 0)
     query_index: torch.Tensor  # [b, Q] int64: row in T of each padded query (pad: last real row)
     token_index: torch.Tensor  # [n] int64: row of each of the part's tokens in the [b * Q] queries
-    mask: torch.Tensor  # [b, 1, Q, L] bool: True where a query may attend a key (causal + length)
+    # [b, 1, Q, L] bool: True where a query may attend a key (causal + length); None when causal
+    mask: torch.Tensor | None
     context_lens: torch.Tensor  # [b] int64: each sequence's context length (cached + new)
     decode: bool  # one new token per sequence (Q = 1)
     causal: bool  # nothing cached and every sequence Q long: SDPA's own causal mask, no `mask`
@@ -183,8 +184,11 @@ def _part(
     qi = torch.arange(q, dtype=torch.int64)[None, :]  # [1, Q]
     q_clamped = torch.minimum(qi, (new_t - 1)[:, None])  # [b, Q] pad rows repeat the last
     query_index = starts[:, None] + q_clamped  # [b, Q]
-    q_pos = cached_t[:, None] + q_clamped  # [b, Q]
-    mask = torch.arange(width)[None, None, :] <= q_pos[:, :, None]  # [b, Q, L]
+    causal = q > 1 and width == q and bool((new_t == q).all())
+    mask = None
+    if not causal:  # a 2,048-token prompt's mask alone is 4 MB: built only where it is read
+        q_pos = cached_t[:, None] + q_clamped  # [b, Q]
+        mask = (torch.arange(width)[None, None, :] <= q_pos[:, :, None])[:, None].to(device)
     local = torch.repeat_interleave(torch.arange(b), new_t)  # [n] the part's sequence of a token
     local_starts = torch.cumsum(new_t, 0) - new_t  # [b]
     row_in_seq = torch.arange(int(new_t.sum())) - local_starts[local]  # [n]
@@ -194,10 +198,10 @@ def _part(
         context_slots=context_slots.to(device),
         query_index=query_index.to(device),
         token_index=(local * q + row_in_seq).to(device),
-        mask=mask[:, None].to(device),
+        mask=mask,  # [b, 1, Q, L]
         context_lens=ctx.to(device),
         decode=q == 1,
-        causal=q > 1 and width == q and bool((new_t == q).all()),
+        causal=causal,
     )
 
 
@@ -256,6 +260,7 @@ def _attend(
         )  # [b, Hq, Q, Dv]
         return out.transpose(1, 2).reshape(b * nq, hq, dv)[part.token_index]
     qg = qp.view(b, nq, hkv, g, dk).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * nq, dk)
+    assert part.mask is not None
     mask = part.mask if g == 1 else part.mask.repeat(1, 1, g, 1)  # [b, 1, G*Q, L]
     out = F.scaled_dot_product_attention(
         qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
