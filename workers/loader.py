@@ -279,9 +279,10 @@ def load_model(
     shard: tuple[Placement, int] | None = None,
 ) -> CausalLM:
     """Construct the checkpoint's model family holding `owned_experts` (None: all), fill it from
-    the checkpoint and return it in eval mode on `device`. `shard` (placement, rank) instead holds
-that rank's physical expert slots, redundant copies included. Raises UnsupportedArchitectureError or
-    CheckpointError (before reading any weight) when the checkpoint cannot be served."""
+    the checkpoint and return it in eval mode on `device`. `shard` (placement, rank) instead
+    holds that rank's physical expert slots, redundant copies included. Raises
+    UnsupportedArchitectureError or CheckpointError (before reading any weight) when the
+    checkpoint cannot be served."""
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     config = load_config(model_dir)

@@ -65,14 +65,14 @@ def test_any_grouping_equals_each_sequence_alone(monkeypatch, slack):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
-def _decode_case(layout_kind: str):
+def _decode_case(layout_kind: str, d: int = 8):
     gen = torch.Generator().manual_seed(1)
     block = 4
     cached = [12, 0, 5, 30, 7, 100]
     new = [1] * len(cached)
     tables = [[i * 30 + j for j in range(30)] for i in range(len(cached))]
     if layout_kind == "gqa":  # cache row [2, Hkv, D], 4 query heads over 2 KV heads
-        hkv, d = 2, 8
+        hkv = 2
         cache = torch.randn(200 * block, 2, hkv, d, generator=gen)
         q = torch.randn(len(new), 4, d, generator=gen)
         layout = KVLayout(hkv, 0, d, hkv * d, d, d)
@@ -92,11 +92,14 @@ def _decode_case(layout_kind: str):
     return AttentionMetadata.build(cached, new, tables, block), q, cache, layout, kv
 
 
-@pytest.mark.parametrize("layout_kind", ["gqa", "mla"])
-def test_decode_kernel_equals_the_torch_path(layout_kind):
+# head dims: 8 (one vector), 12 (a scalar tail), 64 and 136 (register blocks of 64 + rest)
+@pytest.mark.parametrize(
+    "layout_kind,d", [("gqa", 8), ("gqa", 12), ("gqa", 64), ("gqa", 136), ("mla", 0)]
+)
+def test_decode_kernel_equals_the_torch_path(layout_kind, d):
     if kernels.kernel("paged_decode_attention") is None:
         pytest.skip("the C++ kernels are not built here")
-    meta, q, cache, layout, kv = _decode_case(layout_kind)
+    meta, q, cache, layout, kv = _decode_case(layout_kind, d)
     assert [p.decode for p in meta.parts] == [True]
     with torch.no_grad():
         fast = paged_attention(q, cache, meta, kv, 0.3, layout)

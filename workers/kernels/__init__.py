@@ -1,7 +1,8 @@
 """Optional C++ CPU kernels, built once by `make install` (`python -m workers.kernels.build`).
 
-`routed_ffn` (the fused routed-expert FFN, `moe.cpp`) and `paged_decode_attention` (decode
-attention reading K/V in place, `attention.cpp`) return None when the kernel is not built (no
+`routed_ffn` (the fused routed-expert FFN, `moe.cpp`), `paged_decode_attention` (decode
+attention reading K/V in place, `attention.cpp`) and `linear` (few-row projections,
+`linear.cpp`) and `rms_norm` (`norm.cpp`) return None when the kernel is not built (no
 compiler on the machine), disabled (`MOE_KERNELS=0`) or cannot take the tensors (not on the
 CPU, autograd on, a dtype it lacks): callers then use their pure-torch path, which computes
 the same thing. The build lives in
@@ -19,10 +20,23 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SOURCES", "build_dir", "enabled", "kernel", "paged_decode_attention", "routed_ffn"]
+__all__ = [
+    "SOURCES",
+    "build_dir",
+    "enabled",
+    "kernel",
+    "linear",
+    "paged_decode_attention",
+    "rms_norm",
+    "routed_ffn",
+]
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / n for n in ("ops.cpp", "moe.cpp", "attention.cpp", "kernels.h")]
+SOURCES = [
+    HERE / n
+    for n in ("ops.cpp", "moe.cpp", "attention.cpp", "linear.cpp", "norm.cpp")
+    + ("kernels.h", "gemm.h")
+]
 NAME = "moe_kernels"
 
 
@@ -54,6 +68,39 @@ def kernel(name: str) -> Callable | None:
         return None
     module = _module()
     return None if module is None else getattr(module, name)
+
+
+# `linear` takes a product when it measured faster than ATen's sgemm on 2 threads
+# (bench/machine.py --linear): at most SMALL_ROWS rows, or tall outputs (the LM head) up to
+# TALL_ROWS rows.
+SMALL_ROWS, TALL_ROWS, TALL_OUT = 32, 128, 2048
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x [..., K] @ weight [N, K]^T (+ bias [N]) -> [..., N]; None when ATen is the better
+    (or only) choice here: not fp32 on the CPU, autograd on, or too many rows."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return None
+    n, k = weight.shape
+    rows = x.numel() // k if k else 0
+    if rows == 0 or rows > (TALL_ROWS if n >= TALL_OUT else SMALL_ROWS):
+        return None
+    fn = kernel("linear")
+    if fn is None or torch.is_grad_enabled():
+        return None
+    y = fn(x.reshape(rows, k).contiguous(), weight.detach().contiguous(), bias)
+    return y.view(*x.shape[:-1], n)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm over the last dim of fp32 x [..., D] with weight [D]; None when the kernel
+    cannot run here (use the torch path)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return None
+    fn = kernel("rms_norm")
+    if fn is None or torch.is_grad_enabled():
+        return None
+    return fn(x, weight.detach(), eps)
 
 
 def routed_ffn(

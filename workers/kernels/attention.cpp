@@ -8,8 +8,8 @@
 // [C + R]: one head, k 0 with Dk = C + R, v 0 with Dv = C).
 // Work items are (sequence, KV head) pairs over the intra-op threads; each computes its G
 // heads' scores over the context, a softmax, and the weighted sum of values, in fp32.
-// The dot and axpy loops are compiled for AVX-512, AVX2+FMA and baseline x86-64, and the
-// loader picks the best the CPU has at run time (GCC target_clones).
+// The item function is compiled for AVX-512, AVX2+FMA and baseline x86-64 (kernels.h) and
+// picked once per call from the CPU's instruction set.
 
 #include "kernels.h"
 
@@ -21,22 +21,133 @@
 
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MOE_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define MOE_CLONES
-#endif
+struct Layout {
+  const float* q;       // [B, Hq, Dk]
+  const float* cache;   // [S, row]
+  const int64_t* slots; // [B, Lmax]
+  const int64_t* lens;  // [B]
+  float* out;           // [B, Hq, Dv]
+  int64_t hq, hkv, g, dk, dv, lmax, row, k_offset, k_head_stride, v_offset, v_head_stride;
+  float scale;
+};
 
-MOE_CLONES float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+const float* key_row(const Layout& a, int64_t slot, int64_t h) {
+  return a.cache + slot * a.row + a.k_offset + h * a.k_head_stride;
 }
 
-MOE_CLONES void axpy(float a, const float* x, float* y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+const float* value_row(const Layout& a, int64_t slot, int64_t h) {
+  return a.cache + slot * a.row + a.v_offset + h * a.v_head_stride;
+}
+
+// Ask for a row's cache lines ahead of use: context rows sit at scattered slots, so the
+// hardware prefetcher cannot see them coming.
+MOE_INLINE void prefetch_row(const float* row, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(row + i);
+}
+
+constexpr int64_t AHEAD = 8;  // rows prefetched ahead
+
+// One (sequence, KV head) item: its G query heads' scores over the context (four key rows at a
+// time, four independent accumulators), softmax, then the weighted sum of values with the
+// output block held in registers across the context.
+MOE_INLINE void attend_item(const Layout& a, int64_t s, int64_t h, float* scores) {
+  const int64_t len = a.lens[s], g = a.g, dk = a.dk, dv = a.dv;
+  const int64_t* sl = a.slots + s * a.lmax;
+  const float* q0 = a.q + (s * a.hq + h * g) * dk;  // the item's G query heads, [G, Dk]
+  float* o0 = a.out + (s * a.hq + h * g) * dv;      // [G, Dv]
+  const int64_t dk8 = dk - dk % 8;
+  for (int64_t j = 0; j < g; ++j) {
+    const float* qj = q0 + j * dk;
+    float* sj = scores + j * len;
+    int64_t p = 0;
+    for (; p + 4 <= len; p += 4) {
+      const float* k0 = key_row(a, sl[p], h);
+      const float* k1 = key_row(a, sl[p + 1], h);
+      const float* k2 = key_row(a, sl[p + 2], h);
+      const float* k3 = key_row(a, sl[p + 3], h);
+      for (int64_t f = p + AHEAD; f < std::min(p + AHEAD + 4, len); ++f) {
+        prefetch_row(key_row(a, sl[f], h), dk);
+      }
+      v8f c0{}, c1{}, c2{}, c3{};
+      for (int64_t i = 0; i < dk8; i += 8) {
+        const v8f qv = load8(qj + i);
+        c0 += qv * load8(k0 + i);
+        c1 += qv * load8(k1 + i);
+        c2 += qv * load8(k2 + i);
+        c3 += qv * load8(k3 + i);
+      }
+      float d0 = hsum8(c0), d1 = hsum8(c1), d2 = hsum8(c2), d3 = hsum8(c3);
+      for (int64_t i = dk8; i < dk; ++i) {
+        d0 += qj[i] * k0[i];
+        d1 += qj[i] * k1[i];
+        d2 += qj[i] * k2[i];
+        d3 += qj[i] * k3[i];
+      }
+      sj[p] = d0 * a.scale;
+      sj[p + 1] = d1 * a.scale;
+      sj[p + 2] = d2 * a.scale;
+      sj[p + 3] = d3 * a.scale;
+    }
+    for (; p < len; ++p) {
+      const float* k = key_row(a, sl[p], h);
+      v8f c{};
+      for (int64_t i = 0; i < dk8; i += 8) c += load8(qj + i) * load8(k + i);
+      float d = hsum8(c);
+      for (int64_t i = dk8; i < dk; ++i) d += qj[i] * k[i];
+      sj[p] = d * a.scale;
+    }
+    float mx = sj[0];
+    for (int64_t q = 1; q < len; ++q) mx = std::max(mx, sj[q]);
+    float sum = 0.f;
+    for (int64_t q = 0; q < len; ++q) {
+      sj[q] = std::exp(sj[q] - mx);
+      sum += sj[q];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t q = 0; q < len; ++q) sj[q] *= inv;
+  }
+  for (int64_t j = 0; j < g; ++j) {  // out [Dv] in blocks of 64 (8 registers), then of 8
+    const float* sj = scores + j * len;
+    float* oj = o0 + j * dv;
+    int64_t c = 0;
+    for (; c + 64 <= dv; c += 64) {
+      v8f o[8] = {};
+      for (int64_t p = 0; p < len; ++p) {
+        const float* v = value_row(a, sl[p], h) + c;
+        if (p + AHEAD < len) prefetch_row(value_row(a, sl[p + AHEAD], h) + c, 64);
+        const float w = sj[p];
+        for (int u = 0; u < 8; ++u) o[u] += w * load8(v + 8 * u);
+      }
+      for (int u = 0; u < 8; ++u) store8(oj + c + 8 * u, o[u]);
+    }
+    for (; c + 8 <= dv; c += 8) {
+      v8f o{};
+      for (int64_t p = 0; p < len; ++p) o += sj[p] * load8(value_row(a, sl[p], h) + c);
+      store8(oj + c, o);
+    }
+    for (; c < dv; ++c) {
+      float o = 0.f;
+      for (int64_t p = 0; p < len; ++p) o += sj[p] * value_row(a, sl[p], h)[c];
+      oj[c] = o;
+    }
+  }
+}
+
+using ItemFn = void (*)(const Layout&, int64_t, int64_t, float*);
+MOE_AVX512 void attend_item_avx512(const Layout& a, int64_t s, int64_t h, float* sc) {
+  attend_item(a, s, h, sc);
+}
+MOE_AVX2 void attend_item_avx2(const Layout& a, int64_t s, int64_t h, float* sc) {
+  attend_item(a, s, h, sc);
+}
+void attend_item_base(const Layout& a, int64_t s, int64_t h, float* sc) { attend_item(a, s, h, sc); }
+
+ItemFn pick_item() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return attend_item_avx512;
+    case Isa::kAvx2: return attend_item_avx2;
+    default: return attend_item_base;
+  }
 }
 
 }  // namespace
@@ -64,41 +175,20 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor cache,
   TORCH_CHECK(k_offset + (hkv - 1) * k_head_stride + dk <= row &&
                   v_offset + (hkv - 1) * v_head_stride + v_dim <= row,
               "the K/V layout does not fit in a cache row");
-  auto out = torch::zeros({b, hq, v_dim}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* cp = cache.data_ptr<float>();
-  const int64_t* slots = context_slots.data_ptr<int64_t>();
+  auto out = torch::empty({b, hq, v_dim}, q.options());
+  const Layout lay{q.data_ptr<float>(), cache.data_ptr<float>(), context_slots.data_ptr<int64_t>(),
+                   lens.data_ptr<int64_t>(), out.data_ptr<float>(), hq, hkv, g, dk, v_dim, lmax,
+                   row, k_offset, k_head_stride, v_offset, v_head_stride,
+                   static_cast<float>(scale)};
   const int64_t* lp = lens.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
+  for (int64_t s = 0; s < b; ++s) {
+    TORCH_CHECK(lp[s] >= 1 && lp[s] <= lmax, "context length out of range");
+  }
+  const ItemFn item_fn = pick_item();
   at::parallel_for(0, b * hkv, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> scores;
+    std::vector<float> scores(static_cast<size_t>(g * lmax));
     for (int64_t item = lo; item < hi; ++item) {
-      const int64_t s = item / hkv, h = item % hkv, len = lp[s];
-      TORCH_CHECK(len >= 1 && len <= lmax, "context length out of range");
-      scores.assign(static_cast<size_t>(g * len), 0.f);
-      const int64_t* sl = slots + s * lmax;
-      const float* q0 = qp + (s * hq + h * g) * dk;  // the item's G query heads, [G, Dk]
-      float* o0 = op + (s * hq + h * g) * v_dim;      // [G, Dv]
-      for (int64_t p = 0; p < len; ++p) {  // each key row read once for the G heads
-        const float* k = cp + sl[p] * row + k_offset + h * k_head_stride;
-        for (int64_t j = 0; j < g; ++j) scores[j * len + p] = dot(q0 + j * dk, k, dk) * sc;
-      }
-      for (int64_t j = 0; j < g; ++j) {
-        float* sj = scores.data() + j * len;
-        const float mx = *std::max_element(sj, sj + len);
-        float sum = 0.f;
-        for (int64_t p = 0; p < len; ++p) {
-          sj[p] = std::exp(sj[p] - mx);
-          sum += sj[p];
-        }
-        const float inv = 1.f / sum;
-        for (int64_t p = 0; p < len; ++p) sj[p] *= inv;
-      }
-      for (int64_t p = 0; p < len; ++p) {  // each value row read once for the G heads
-        const float* v = cp + sl[p] * row + v_offset + h * v_head_stride;
-        for (int64_t j = 0; j < g; ++j) axpy(scores[j * len + p], v, o0 + j * v_dim, v_dim);
-      }
+      item_fn(lay, item / hkv, item % hkv, scores.data());
     }
   });
   return out;

@@ -11,3 +11,55 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor cache,
                                      int64_t num_kv_heads, int64_t k_offset,
                                      int64_t k_head_stride, int64_t v_offset,
                                      int64_t v_head_stride, int64_t v_dim, double scale);
+
+torch::Tensor linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias);
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+
+// Instruction sets: each kernel's inner function is written once (MOE_INLINE, no target) and
+// wrapped three times, with MOE_AVX512, MOE_AVX2 and no attribute, so GCC compiles the inlined
+// loops for that set; callers pick the wrapper once per call with cpu_isa(). (GCC's
+// target_clones("avx2,fma") would make separate avx2 and fma clones, neither with both.)
+enum class Isa { kBase, kAvx2, kAvx512 };
+Isa cpu_isa();  // detected once (ops.cpp); MOE_ISA=base|avx2 caps it (tests, benchmarks)
+
+#define MOE_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MOE_AVX2 __attribute__((target("avx2,fma")))
+#define MOE_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
+#else
+#define MOE_AVX2
+#define MOE_AVX512
+#endif
+
+// 8 floats: GCC vector extensions (one ymm with AVX2, two xmm on baseline x86-64).
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v8f_u __attribute__((vector_size(32), aligned(4)));  // unaligned access
+MOE_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f_u*>(p); }
+MOE_INLINE void store8(float* p, v8f v) { *reinterpret_cast<v8f_u*>(p) = v; }
+MOE_INLINE float hsum8(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// e^x for 8 floats (Cephes expf: range reduction by ln 2 in two parts, degree-5 polynomial,
+// 2^n through the exponent bits); relative error ~1e-7 over [-87, 88], 0 below.
+MOE_INLINE v8f exp8(v8f x) {
+  typedef int32_t v8i __attribute__((vector_size(32)));
+  const v8f hi = v8f{} + 88.3762626647949f, lo = v8f{} - 87.3365447504f;
+  const v8i under = x < lo;
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  v8f t = x * 1.44269504088896341f + 0.5f;
+  v8f n = __builtin_convertvector(__builtin_convertvector(t, v8i), v8f);  // truncates
+  n = n > t ? n - 1.f : n;                                                  // floor
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v8f y = 1.9875691500E-4f * x + 1.3981999507E-3f;
+  y = y * x + 8.3334519073E-3f;
+  y = y * x + 4.1665795894E-2f;
+  y = y * x + 1.6666665459E-1f;
+  y = y * x + 5.0000001201E-1f;
+  y = y * x * x + x + 1.f;
+  const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+  y = y * reinterpret_cast<const v8f&>(bits);
+  return under ? v8f{} : y;
+}

@@ -5,9 +5,12 @@
 // pairs grouped by expert. Work items are (expert, block of up to ROWS rows) spread over the
 // intra-op threads; each item runs single-threaded (nested parallelism is off inside the
 // region), gathers its rows, computes silu(x W_gate^T) * (x W_up^T) * w, projects down into its
-// rows of a [N, H] buffer, and a second parallel pass sums each token's pairs. The matmuls are
-// ATen's (MKL/oneDNN sgemm, whose kernels pick AVX-512 or AVX2 at run time).
+// rows of a [N, H] buffer; one index_add_ then sums each token's pairs. fp32 items of up to
+// SMALL rows (a decode step's few rows per expert) run gemm.h's register-tiled product and a
+// vectorized SwiGLU, compiled per instruction set, with no ATen call; larger items and other
+// dtypes use ATen's matmuls (MKL/oneDNN sgemm, tuned for large M).
 
+#include "gemm.h"
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -18,10 +21,61 @@
 namespace {
 
 constexpr int64_t ROWS = 128;  // rows per work item: balance across threads vs per-call overhead
+constexpr int64_t SMALL = 32;  // items of at most this many fp32 rows take the small-M path
 
 struct Item {
   int64_t expert, start, rows;
 };
+
+struct Ffn {
+  const float* x;        // [T, H]
+  const int64_t* tokens; // [N]
+  const float* weights;  // [N]
+  const float* w13;      // [El, 2I, H]
+  const float* w2;       // [El, H, I]
+  float* ys;             // [N, H]
+  int64_t h, i;
+};
+
+// One item on the small-M path; buf holds [rows, H] gathered rows then [rows, 2I].
+MOE_INLINE void small_item(const Ffn& f, const Item& it, float* buf) {
+  const int64_t h = f.h, i = f.i, n = it.rows;
+  float* xg = buf;              // [n, H]
+  float* hg = buf + n * h;      // [n, 2I]: gate | up, then silu(gate) * up * w in the gate half
+  for (int64_t r = 0; r < n; ++r) {
+    const float* src = f.x + f.tokens[it.start + r] * h;
+    std::copy(src, src + h, xg + r * h);
+  }
+  gemm::nt_gemm(xg, h, f.w13 + it.expert * 2 * i * h, h, hg, 2 * i, n, 2 * i, h);
+  const int64_t i8 = i - i % 8;
+  for (int64_t r = 0; r < n; ++r) {
+    float* gate = hg + r * 2 * i;
+    const float* up = gate + i;
+    const float w = f.weights[it.start + r];
+    int64_t c = 0;
+    for (; c < i8; c += 8) {
+      const v8f g = load8(gate + c);
+      store8(gate + c, g / (1.f + exp8(-g)) * load8(up + c) * w);
+    }
+    for (; c < i; ++c) gate[c] = gate[c] / (1.f + std::exp(-gate[c])) * up[c] * w;
+  }
+  gemm::nt_gemm(hg, 2 * i, f.w2 + it.expert * h * i, i, f.ys + it.start * h, h, n, h, i);
+}
+
+using SmallFn = void (*)(const Ffn&, const Item&, float*);
+MOE_AVX512 void small_item_avx512(const Ffn& f, const Item& it, float* buf) {
+  small_item(f, it, buf);
+}
+MOE_AVX2 void small_item_avx2(const Ffn& f, const Item& it, float* buf) { small_item(f, it, buf); }
+void small_item_base(const Ffn& f, const Item& it, float* buf) { small_item(f, it, buf); }
+
+SmallFn pick_small() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return small_item_avx512;
+    case Isa::kAvx2: return small_item_avx2;
+    default: return small_item_base;
+  }
+}
 
 }  // namespace
 
@@ -51,13 +105,28 @@ torch::Tensor routed_ffn(torch::Tensor x, torch::Tensor tokens, torch::Tensor we
   }
   TORCH_CHECK(start == n, "counts must sum to the number of pairs");
   auto w = weights.view({n, 1});
+  const bool small_ok = x.scalar_type() == torch::kFloat32 && weights.is_contiguous() &&
+                        tokens.is_contiguous() && w13.is_contiguous() && w2.is_contiguous() &&
+                        weights.scalar_type() == torch::kFloat32;
+  Ffn ffn{};
+  if (small_ok) {
+    ffn = Ffn{x.data_ptr<float>(), tokens.data_ptr<int64_t>(), weights.data_ptr<float>(),
+              w13.data_ptr<float>(), w2.data_ptr<float>(), ys.data_ptr<float>(), h, i};
+  }
+  const SmallFn small_fn = pick_small();
   const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
     // worker threads have their own grad and inference modes: take the caller's
     c10::InferenceMode inference_here(inference);
     torch::NoGradGuard no_grad_here;
+    std::vector<float> buf;
     for (int64_t k = lo; k < hi; ++k) {
       const Item& it = items[k];
+      if (small_ok && it.rows <= SMALL) {
+        buf.resize(static_cast<size_t>(it.rows * (h + i2)));
+        small_fn(ffn, it, buf.data());
+        continue;
+      }
       auto rows = tokens.narrow(0, it.start, it.rows);
       auto xg = x.index_select(0, rows);                     // [n, H]
       auto hg = torch::mm(xg, w13[it.expert].t());           // [n, 2I]

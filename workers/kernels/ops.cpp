@@ -1,8 +1,44 @@
-// Python bindings of the C++ CPU kernels (see workers/kernels/__init__.py).
+// Python bindings of the C++ CPU kernels (see workers/kernels/__init__.py), and the CPU's
+// instruction set, detected once.
 #include "kernels.h"
+
+#include <cstdlib>
+#include <string>
+
+Isa cpu_isa() {
+  static const Isa isa = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    Isa best = Isa::kBase;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512vl")) {
+      best = Isa::kAvx512;
+    }
+#else
+    Isa best = Isa::kBase;
+#endif
+    const char* cap = std::getenv("MOE_ISA");
+    if (cap != nullptr && std::string(cap) == "base") return Isa::kBase;
+    if (cap != nullptr && std::string(cap) == "avx2" && best == Isa::kAvx512) return Isa::kAvx2;
+    return best;
+  }();
+  return isa;
+}
+
+static std::string isa_name() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "base";
+  }
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("routed_ffn", &routed_ffn, "routed experts' SwiGLU FFN, grouped by expert, no padding");
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention reading K/V in place from the paged cache");
+  m.def("linear", &linear, "x W^T (+ b) for few rows, fp32");
+  m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows in one pass");
+  m.def("isa", &isa_name, "the instruction set the kernels run with: avx512, avx2 or base");
 }

@@ -14,7 +14,7 @@ from torch import nn
 
 from workers.models.attention import AttentionMetadata
 from workers.models.base import CausalLM
-from workers.models.layers import RMSNorm, rotary_cos_sin
+from workers.models.layers import Linear, RMSNorm, rotary_cos_sin
 from workers.models.rope import rope_from_config
 
 __all__ = ["DecoderLM", "DecoderLayer"]
@@ -53,7 +53,7 @@ class DecoderLM(CausalLM):
     ) -> None:
         config = self.config
         self.model = _Body(config, layers)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.num_layers = config.num_hidden_layers
         self.vocab_size = config.vocab_size
         self.kv_token_shape = kv_token_shape

@@ -22,6 +22,7 @@ from workers.models.attention import AttentionMetadata, KVLayout, paged_attentio
 from workers.models.decoder import DecoderLayer, DecoderLM
 from workers.models.layers import (
     MLP,
+    Linear,
     RMSNorm,
     apply_rotary,
     apply_rotary_interleaved,
@@ -63,15 +64,15 @@ class MLAttention(nn.Module):
         bias = bool(getattr(config, "attention_bias", False))
         # The latent norms use RMSNorm's default eps (1e-6), not rms_norm_eps, like transformers.
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(h, n * qk_dim, bias=False)
+            self.q_proj = Linear(h, n * qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(h, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, n * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.rope_dim, bias=bias)
+            self.q_b_proj = Linear(self.q_lora_rank, n * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(h, self.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, n * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(n * self.v_dim, h, bias=bias)
+        self.kv_b_proj = Linear(self.kv_lora_rank, n * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(n * self.v_dim, h, bias=bias)
         interleave = bool(getattr(config, "rope_interleave", True))
         self.rotary: Callable = apply_rotary_interleaved if interleave else apply_rotary
         self.scale = softmax_scale(config, qk_dim)

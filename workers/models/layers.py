@@ -10,7 +10,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP", "RMSNorm", "apply_rotary", "apply_rotary_interleaved", "rotary_cos_sin"]
+from workers import kernels
+
+__all__ = [
+    "MLP",
+    "Linear",
+    "RMSNorm",
+    "apply_rotary",
+    "apply_rotary_interleaved",
+    "rotary_cos_sin",
+]
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and checkpoint names) whose CPU fp32 forward takes the C++
+    few-row product where it beats ATen's: decode-step projections and the LM head."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias) if y is None else y
 
 
 class RMSNorm(nn.Module):
@@ -20,6 +38,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.rms_norm(x, self.weight, self.eps)  # fp32 on the CPU: one C++ pass
+        if y is not None:
+            return y
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -31,9 +52,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -13,7 +13,7 @@ from torch import nn
 
 from workers.models.attention import AttentionMetadata, KVLayout, paged_attention, write_kv
 from workers.models.decoder import DecoderLayer, DecoderLM
-from workers.models.layers import MLP, RMSNorm, apply_rotary
+from workers.models.layers import MLP, Linear, RMSNorm, apply_rotary
 from workers.moe.experts import RoutedExperts
 from workers.moe.gating import softmax_topk
 
@@ -30,10 +30,10 @@ class GQAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or h // self.num_heads
         bias = bool(getattr(config, "attention_bias", False))
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+        self.q_proj = Linear(h, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.scale = self.head_dim**-0.5
@@ -77,7 +77,7 @@ class SoftmaxMoE(nn.Module):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.renormalize = renormalize
-        self.gate = nn.Linear(config.hidden_size, num_experts, bias=False)
+        self.gate = Linear(config.hidden_size, num_experts, bias=False)
         self.experts = experts_cls(
             num_experts,
             owned,

@@ -1,0 +1,110 @@
+"""The few-row linear and RMSNorm C++ kernels against ATen, and every kernel on the baseline
+instruction set (`MOE_ISA=base`, in a subprocess: the set is chosen once per process)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workers import kernels
+from workers.models.layers import Linear, RMSNorm
+
+pytestmark = pytest.mark.skipif(
+    kernels.kernel("linear") is None, reason="the C++ kernels are not built here"
+)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 32])
+@pytest.mark.parametrize("k,n", [(64, 48), (13, 5), (40, 100), (512, 2049)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_aten(rows, k, n, bias):
+    gen = torch.Generator().manual_seed(rows * 1000 + k + n)
+    x = torch.randn(rows, k, generator=gen)
+    w = torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    with torch.no_grad():
+        got = kernels.linear(x, w, b)
+    assert got is not None
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+
+
+def test_linear_leaves_what_aten_does_better_to_aten():
+    w = torch.randn(64, 64)
+    with torch.no_grad():
+        assert kernels.linear(torch.randn(kernels.SMALL_ROWS + 1, 64), w, None) is None
+        assert kernels.linear(torch.randn(4, 64).double(), w.double(), None) is None
+        tall = torch.randn(kernels.TALL_OUT, 64)
+        assert kernels.linear(torch.randn(kernels.TALL_ROWS, 64), tall, None) is not None
+        assert kernels.linear(torch.randn(kernels.TALL_ROWS + 1, 64), tall, None) is None
+    assert kernels.linear(torch.randn(4, 64), w, None) is None  # autograd on
+
+
+def test_linear_module_keeps_leading_dims():
+    m = Linear(16, 24)
+    x = torch.randn(3, 2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (5, 13), (64, 512), (300, 3, 64)])
+def test_rms_norm_equals_the_torch_formula(shape):
+    gen = torch.Generator().manual_seed(len(shape) + shape[-1])
+    norm = RMSNorm(shape[-1], eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=gen))
+        x = torch.randn(*shape, generator=gen) * 3
+        got = norm(x)
+    ref = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_the_kernels_name_their_instruction_set():
+    isa = kernels.kernel("isa")
+    assert isa is not None and isa() in ("avx512", "avx2", "base")
+
+
+BASELINE = """
+import torch, torch.nn.functional as F
+from workers import kernels
+assert kernels.kernel("isa")() == "base"
+torch.manual_seed(0)
+with torch.no_grad():
+    x, w, b = torch.randn(9, 70), torch.randn(37, 70), torch.randn(37)
+    torch.testing.assert_close(kernels.linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    g = torch.randn(70)
+    ref = g * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(kernels.rms_norm(x, g, 1e-6), ref, atol=1e-5, rtol=1e-5)
+    tokens = torch.tensor([0, 3, 5, 1, 2, 8])
+    weights = torch.rand(6)
+    w13, w2 = torch.randn(2, 2 * 24, 70), torch.randn(2, 70, 24)
+    got = kernels.routed_ffn(x, tokens, weights, [4, 2], w13, w2)
+    ref = torch.zeros_like(x)
+    for (lo, hi), e in (((0, 4), 0), ((4, 6), 1)):
+        h = x[tokens[lo:hi]] @ w13[e].t()
+        gated = F.silu(h[:, :24]) * h[:, 24:] * weights[lo:hi, None]
+        ref.index_add_(0, tokens[lo:hi], gated @ w2[e].t())
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    cache = torch.randn(40, 2, 2, 72)  # [S, 2, Hkv, D]: 4 query heads over 2 KV heads
+    q, slots, lens = torch.randn(3, 4, 72), torch.randint(0, 40, (3, 11)), torch.tensor([1, 6, 11])
+    attn = kernels.kernel("paged_decode_attention")
+    got = attn(q, cache, slots, lens, 2, 0, 72, 144, 72, 72, 0.1)
+    for s in range(3):
+        ctx = cache[slots[s, : lens[s]]]  # [L, 2, Hkv, D]
+        for h in range(4):
+            p = (ctx[:, 0, h // 2] @ q[s, h] * 0.1).softmax(-1)
+            torch.testing.assert_close(got[s, h], p @ ctx[:, 1, h // 2], atol=1e-5, rtol=1e-5)
+print("ok")
+"""
+
+
+def test_every_kernel_on_the_baseline_instruction_set():
+    env = dict(os.environ, MOE_ISA="base")
+    out = subprocess.run(
+        [sys.executable, "-c", BASELINE], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

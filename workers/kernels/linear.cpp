@@ -1,0 +1,61 @@
+// y = x W^T (+ b) for CPU fp32 with few rows: a decode step's projections (M = the batch) and
+// the LM head (tall N). MKL/oneDNN's sgemm is tuned for large M and splits these small
+// products poorly over threads; here the outputs are cut into panels of PANEL columns spread
+// over the intra-op threads, each panel one gemm.h product over all M rows (its W rows read
+// from memory once). Callers keep ATen for what it does better (kernels/__init__.py: linear).
+
+#include "gemm.h"
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+namespace {
+
+constexpr int64_t PANEL = 48;  // output columns per work item (a multiple of gemm::NR)
+
+struct Product {
+  const float* x;  // [M, K]
+  const float* w;  // [N, K]
+  float* y;        // [M, N]
+  int64_t m, n, k;
+};
+
+MOE_INLINE void panel(const Product& p, int64_t j0, int64_t j1) {
+  gemm::nt_gemm(p.x, p.k, p.w + j0 * p.k, p.k, p.y + j0, p.n, p.m, j1 - j0, p.k);
+}
+
+using PanelFn = void (*)(const Product&, int64_t, int64_t);
+MOE_AVX512 void panel_avx512(const Product& p, int64_t j0, int64_t j1) { panel(p, j0, j1); }
+MOE_AVX2 void panel_avx2(const Product& p, int64_t j0, int64_t j1) { panel(p, j0, j1); }
+void panel_base(const Product& p, int64_t j0, int64_t j1) { panel(p, j0, j1); }
+
+PanelFn pick_panel() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return panel_avx512;
+    case Isa::kAvx2: return panel_avx2;
+    default: return panel_base;
+  }
+}
+
+}  // namespace
+
+// x [M, K] fp32 contiguous; weight [N, K] fp32 contiguous; bias [N] or undefined -> [M, N].
+torch::Tensor linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x must be a contiguous fp32 [M, K] tensor");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32 &&
+                  weight.is_contiguous() && weight.size(1) == x.size(1),
+              "weight must be a contiguous fp32 [N, K] tensor");
+  const int64_t m = x.size(0), n = weight.size(0), k = x.size(1);
+  auto y = torch::empty({m, n}, x.options());
+  const Product p{x.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), m, n, k};
+  const PanelFn fn = pick_panel();
+  const int64_t panels = (n + PANEL - 1) / PANEL;
+  at::parallel_for(0, panels, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t q = lo; q < hi; ++q) fn(p, q * PANEL, std::min(n, (q + 1) * PANEL));
+  });
+  if (bias.has_value() && bias->defined()) y.add_(*bias);
+  return y;
+}
