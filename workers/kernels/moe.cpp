@@ -2,9 +2,9 @@
 // no padding, one parallel region.
 //
 // Legend: T tokens, H hidden, I expert intermediate size, El owned experts, N (token, expert)
-// pairs grouped by expert. Work items are (expert, block of up to ROWS rows) spread over the
-// intra-op threads; each item runs single-threaded (nested parallelism is off inside the
-// region), gathers its rows, computes silu(x W_gate^T) * (x W_up^T) * w, projects down into its
+// pairs grouped by expert. Work items are (expert, block of up to ROWS rows), taken largest
+// first from a shared counter by the intra-op threads; each item runs single-threaded (nested
+// parallelism is off inside the region), gathers its rows, computes silu(x W_gate^T) * (x W_up^T) * w, projects down into its
 // rows of a [N, H] buffer; one index_add_ then sums each token's pairs. fp32 items of up to
 // SMALL rows (a decode step's few rows per expert) run gemm.h's register-tiled product and a
 // vectorized SwiGLU, compiled per instruction set, with no ATen call; larger items and other
@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 namespace {
@@ -104,6 +105,10 @@ torch::Tensor routed_ffn(torch::Tensor x, torch::Tensor tokens, torch::Tensor we
     start += c[e];
   }
   TORCH_CHECK(start == n, "counts must sum to the number of pairs");
+  // Experts get uneven rows: threads take items one at a time from a shared counter, largest
+  // first, instead of a fixed half of the list each (longest-processing-time order).
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& a, const Item& b) { return a.rows > b.rows; });
   auto w = weights.view({n, 1});
   const bool small_ok = x.scalar_type() == torch::kFloat32 && weights.is_contiguous() &&
                         tokens.is_contiguous() && w13.is_contiguous() && w2.is_contiguous() &&
@@ -115,12 +120,15 @@ torch::Tensor routed_ffn(torch::Tensor x, torch::Tensor tokens, torch::Tensor we
   }
   const SmallFn small_fn = pick_small();
   const bool inference = c10::InferenceMode::is_enabled();
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_items);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     // worker threads have their own grad and inference modes: take the caller's
     c10::InferenceMode inference_here(inference);
     torch::NoGradGuard no_grad_here;
     std::vector<float> buf;
-    for (int64_t k = lo; k < hi; ++k) {
+    for (int64_t k = next++; k < num_items; k = next++) {
       const Item& it = items[k];
       if (small_ok && it.rows <= SMALL) {
         buf.resize(static_cast<size_t>(it.rows * (h + i2)));
