@@ -184,3 +184,21 @@ def test_redundant_expert_slots_give_the_same_tokens(tiny_checkpoint):
     plain = build_engine(path).generate([(p, GREEDY) for p in prompts])
     spread = engine.generate([(p, GREEDY) for p in prompts])
     assert [o.token_ids for o in spread] == [o.token_ids for o in plain]
+
+
+def test_detokenizer_fast_route_streams_what_the_wrapper_does(ckpt):
+    from workers.engine.detokenizer import IncrementalDetokenizer
+
+    tok = build_engine(ckpt).tokenizer
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, tok.vocab_size, (200,), generator=gen).tolist()
+    fast = IncrementalDetokenizer(tok, ids[:3])
+    assert fast._fast is not None  # the test tokenizers have no clean-up pass
+    slow = IncrementalDetokenizer(tok, ids[:3])
+    slow._fast = None  # transformers' decode
+    assert [fast.add(i) for i in ids[3:]] == [slow.add(i) for i in ids[3:]]
+    tok.clean_up_tokenization_spaces = True  # a clean-up pass: only the wrapper applies it
+    try:
+        assert IncrementalDetokenizer(tok, ids[:3])._fast is None
+    finally:
+        tok.clean_up_tokenization_spaces = False
