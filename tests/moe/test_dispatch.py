@@ -133,7 +133,7 @@ def _run_cases(rank: int, world: int) -> dict:
             if step == 0:
                 out[case.name] = {
                     "y": y,
-                    "recv_x": d.recv_x,
+                    "recv_x": d.recv_x.clone(),  # a reused buffer: valid until the next dispatch
                     "recv_ids": d.recv_topk_ids,
                     "recv_weights": d.recv_topk_weights,
                     "last": asdict(dispatcher.counters.last[layer]),

@@ -11,10 +11,13 @@ zero tokens (T = 0): a rank that skips a layer, or calls layers in another order
 silently receives another layer's rows. Call `combine` for a handle before the next `dispatch`
 on the same group. The receiver's work between the two is `RoutedExperts` on (recv_x,
 recv_topk_ids, recv_topk_weights): it ignores the experts of each row owned elsewhere.
+`Dispatched.recv_x` lives in a buffer the dispatcher reuses: it is valid until the next
+`dispatch`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
@@ -166,6 +169,19 @@ class AllToAllDispatcher:
         self.expert_to_rank = e2r  # [E]
         self._e2r_on: dict[torch.device, torch.Tensor] = {}  # copies per device, made on first use
         self.counters = DispatchCounters()
+        # Wire buffers reused across layers and steps (grown, never shrunk): fresh temporaries
+        # of a few MB per collective page-fault on every call, which measured as most of the
+        # dispatch overhead over a bare all_to_all_single (bench/dispatch.py).
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def _buffer(self, name: str, like: torch.Tensor, rows: int) -> torch.Tensor:
+        """A [rows, *like.shape[1:]] view of the reusable buffer `name` (like's dtype/device)."""
+        key, row = (name, like.dtype, like.device), math.prod(like.shape[1:])
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < rows * row:
+            buf = like.new_empty(max(rows * row * 5 // 4, 1))
+            self._buffers[key] = buf
+        return buf[: rows * row].view(rows, *like.shape[1:])
 
     def _exchange(
         self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]
@@ -194,7 +210,9 @@ class AllToAllDispatcher:
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
 
-        recv_x = self._exchange(x.index_select(0, send_token), send_splits, recv_splits)  # [R, H]
+        send_x = torch.index_select(x, 0, send_token, out=self._buffer("send", x, len(send_token)))
+        recv_x = self._buffer("recv", x, sum(recv_splits))  # [R, H]
+        dist.all_to_all_single(recv_x, send_x, recv_splits, send_splits, group=self.group)
         # ids and weights travel as one int64 tensor [S, 2K]: the fp32 weights' bits, widened
         # int32 -> int64 and narrowed back, come out exactly (no float conversion anywhere).
         # Packing them into the x rows' bytes too (one collective fewer) measured slower on
@@ -225,7 +243,7 @@ class AllToAllDispatcher:
         Deterministic, also on CUDA: partials are added one destination rank at a time in rank
         order, and inside one rank's block a token appears once, so index_add_ never collides."""
         send = expert_out.contiguous()
-        back = send.new_empty((sum(handle.send_splits), send.shape[1]))
+        back = self._buffer("back", send, sum(handle.send_splits))  # [S, H]
         work = dist.all_to_all_single(
             back, send, handle.send_splits, handle.recv_splits, group=self.group, async_op=True
         )
