@@ -134,21 +134,8 @@ MOE_INLINE void attend_item(const Layout& a, int64_t s, int64_t h, float* scores
 }
 
 using ItemFn = void (*)(const Layout&, int64_t, int64_t, float*);
-MOE_AVX512 void attend_item_avx512(const Layout& a, int64_t s, int64_t h, float* sc) {
-  attend_item(a, s, h, sc);
-}
-MOE_AVX2 void attend_item_avx2(const Layout& a, int64_t s, int64_t h, float* sc) {
-  attend_item(a, s, h, sc);
-}
-void attend_item_base(const Layout& a, int64_t s, int64_t h, float* sc) { attend_item(a, s, h, sc); }
-
-ItemFn pick_item() {
-  switch (cpu_isa()) {
-    case Isa::kAvx512: return attend_item_avx512;
-    case Isa::kAvx2: return attend_item_avx2;
-    default: return attend_item_base;
-  }
-}
+MOE_ISA_VARIANTS(attend, attend_item, (const Layout& a, int64_t s, int64_t h, float* sc),
+                 (a, s, h, sc))
 
 }  // namespace
 
@@ -184,7 +171,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor cache,
   for (int64_t s = 0; s < b; ++s) {
     TORCH_CHECK(lp[s] >= 1 && lp[s] <= lmax, "context length out of range");
   }
-  const ItemFn item_fn = pick_item();
+  const ItemFn item_fn = pick_isa(attend_avx512, attend_avx2, attend_base);
   at::parallel_for(0, b * hkv, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> scores(static_cast<size_t>(g * lmax));
     for (int64_t item = lo; item < hi; ++item) {

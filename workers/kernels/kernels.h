@@ -32,6 +32,22 @@ Isa cpu_isa();  // detected once (ops.cpp); MOE_ISA=base|avx2 caps it (tests, be
 #define MOE_AVX512
 #endif
 
+// The three wrappers of one inner function: name_avx512, name_avx2 and name_base, each
+// `void name_X params { inner args; }`; pick_isa chooses one for this CPU.
+#define MOE_ISA_VARIANTS(name, inner, params, args) \
+  MOE_AVX512 void name##_avx512 params { inner args; } \
+  MOE_AVX2 void name##_avx2 params { inner args; } \
+  void name##_base params { inner args; }
+
+template <typename F>
+F pick_isa(F avx512, F avx2, F base) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return avx512;
+    case Isa::kAvx2: return avx2;
+    default: return base;
+  }
+}
+
 // 8 floats: GCC vector extensions (one ymm with AVX2, two xmm on baseline x86-64).
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v8f_u __attribute__((vector_size(32), aligned(4)));  // unaligned access

@@ -27,17 +27,7 @@ MOE_INLINE void panel(const Product& p, int64_t j0, int64_t j1) {
 }
 
 using PanelFn = void (*)(const Product&, int64_t, int64_t);
-MOE_AVX512 void panel_avx512(const Product& p, int64_t j0, int64_t j1) { panel(p, j0, j1); }
-MOE_AVX2 void panel_avx2(const Product& p, int64_t j0, int64_t j1) { panel(p, j0, j1); }
-void panel_base(const Product& p, int64_t j0, int64_t j1) { panel(p, j0, j1); }
-
-PanelFn pick_panel() {
-  switch (cpu_isa()) {
-    case Isa::kAvx512: return panel_avx512;
-    case Isa::kAvx2: return panel_avx2;
-    default: return panel_base;
-  }
-}
+MOE_ISA_VARIANTS(panel, panel, (const Product& p, int64_t j0, int64_t j1), (p, j0, j1))
 
 }  // namespace
 
@@ -51,7 +41,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch:
   const int64_t m = x.size(0), n = weight.size(0), k = x.size(1);
   auto y = torch::empty({m, n}, x.options());
   const Product p{x.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), m, n, k};
-  const PanelFn fn = pick_panel();
+  const PanelFn fn = pick_isa(panel_avx512, panel_avx2, panel_base);
   const int64_t panels = (n + PANEL - 1) / PANEL;
   at::parallel_for(0, panels, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t q = lo; q < hi; ++q) fn(p, q * PANEL, std::min(n, (q + 1) * PANEL));

@@ -4,11 +4,12 @@
 // Legend: T tokens, H hidden, I expert intermediate size, El owned experts, N (token, expert)
 // pairs grouped by expert. Work items are (expert, block of up to ROWS rows), taken largest
 // first from a shared counter by the intra-op threads; each item runs single-threaded (nested
-// parallelism is off inside the region), gathers its rows, computes silu(x W_gate^T) * (x W_up^T) * w, projects down into its
-// rows of a [N, H] buffer; one index_add_ then sums each token's pairs. fp32 items of up to
-// SMALL rows (a decode step's few rows per expert) run gemm.h's register-tiled product and a
-// vectorized SwiGLU, compiled per instruction set, with no ATen call; larger items and other
-// dtypes use ATen's matmuls (MKL/oneDNN sgemm, tuned for large M).
+// parallelism is off inside the region), gathers its rows, computes
+// silu(x W_gate^T) * (x W_up^T) * w, projects down into its rows of a [N, H] buffer; one
+// index_add_ then sums each token's pairs. fp32 items of up to SMALL rows (a decode step's
+// few rows per expert) run gemm.h's register-tiled product and a vectorized SwiGLU, compiled
+// per instruction set, with no ATen call; larger items and other dtypes use ATen's matmuls
+// (MKL/oneDNN sgemm, tuned for large M).
 
 #include "gemm.h"
 #include "kernels.h"
@@ -64,19 +65,8 @@ MOE_INLINE void small_item(const Ffn& f, const Item& it, float* buf) {
 }
 
 using SmallFn = void (*)(const Ffn&, const Item&, float*);
-MOE_AVX512 void small_item_avx512(const Ffn& f, const Item& it, float* buf) {
-  small_item(f, it, buf);
-}
-MOE_AVX2 void small_item_avx2(const Ffn& f, const Item& it, float* buf) { small_item(f, it, buf); }
-void small_item_base(const Ffn& f, const Item& it, float* buf) { small_item(f, it, buf); }
-
-SmallFn pick_small() {
-  switch (cpu_isa()) {
-    case Isa::kAvx512: return small_item_avx512;
-    case Isa::kAvx2: return small_item_avx2;
-    default: return small_item_base;
-  }
-}
+MOE_ISA_VARIANTS(small_item, small_item, (const Ffn& f, const Item& it, float* buf),
+                 (f, it, buf))
 
 }  // namespace
 
@@ -118,7 +108,7 @@ torch::Tensor routed_ffn(torch::Tensor x, torch::Tensor tokens, torch::Tensor we
     ffn = Ffn{x.data_ptr<float>(), tokens.data_ptr<int64_t>(), weights.data_ptr<float>(),
               w13.data_ptr<float>(), w2.data_ptr<float>(), ys.data_ptr<float>(), h, i};
   }
-  const SmallFn small_fn = pick_small();
+  const SmallFn small_fn = pick_isa(small_item_avx512, small_item_avx2, small_item_base);
   const bool inference = c10::InferenceMode::is_enabled();
   const int64_t num_items = static_cast<int64_t>(items.size());
   std::atomic<int64_t> next{0};

@@ -40,17 +40,7 @@ MOE_INLINE void norm_rows(const Rows& a, int64_t lo, int64_t hi) {
 }
 
 using RowsFn = void (*)(const Rows&, int64_t, int64_t);
-MOE_AVX512 void norm_avx512(const Rows& a, int64_t lo, int64_t hi) { norm_rows(a, lo, hi); }
-MOE_AVX2 void norm_avx2(const Rows& a, int64_t lo, int64_t hi) { norm_rows(a, lo, hi); }
-void norm_base(const Rows& a, int64_t lo, int64_t hi) { norm_rows(a, lo, hi); }
-
-RowsFn pick_norm() {
-  switch (cpu_isa()) {
-    case Isa::kAvx512: return norm_avx512;
-    case Isa::kAvx2: return norm_avx2;
-    default: return norm_base;
-  }
-}
+MOE_ISA_VARIANTS(norm, norm_rows, (const Rows& a, int64_t lo, int64_t hi), (a, lo, hi))
 
 }  // namespace
 
@@ -65,7 +55,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   auto y = torch::empty_like(x);
   const Rows a{x.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), d,
                static_cast<float>(eps)};
-  const RowsFn fn = pick_norm();
+  const RowsFn fn = pick_isa(norm_avx512, norm_avx2, norm_base);
   at::parallel_for(0, d ? x.numel() / d : 0, GRAIN,
                    [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
   return y;
