@@ -140,3 +140,21 @@ def test_kernels_are_built_where_a_compiler_is():
 def test_kernel_off_switch(monkeypatch):
     monkeypatch.setenv("MOE_KERNELS", "0")
     assert kernels.kernel("routed_ffn") is None
+
+
+def test_kernel_repacks_weights_changed_in_place(monkeypatch):
+    """The packed copy the kernel reads follows w13/w2: a load or rebalance copy_ into them,
+    or new Parameters (set_slots), is seen by the next forward."""
+    m = _experts(list(range(E)))
+    x = torch.randn(6, H, generator=torch.Generator().manual_seed(4))
+    ids, w = _routing(6, 2)
+    _run(m, x, ids, w, monkeypatch, "kernel")
+    assert m._packed is not None
+    with torch.no_grad():
+        m.w13.mul_(-1.5)  # in place, as load() and rebalance do
+        m.w2.copy_(torch.randn(m.w2.shape, generator=torch.Generator().manual_seed(9)) * 0.2)
+    y = _run(m, x, ids, w, monkeypatch, "kernel")
+    torch.testing.assert_close(y.double(), _reference(m, x, ids, w), atol=1e-5, rtol=1e-5)
+    m.w13 = torch.nn.Parameter(m.w13.detach() * 0.5)  # replaced, as set_slots does
+    y = _run(m, x, ids, w, monkeypatch, "kernel")
+    torch.testing.assert_close(y.double(), _reference(m, x, ids, w), atol=1e-5, rtol=1e-5)

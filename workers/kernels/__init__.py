@@ -26,6 +26,7 @@ __all__ = [
     "enabled",
     "kernel",
     "linear",
+    "pack_panels",
     "paged_decode_attention",
     "rms_norm",
     "routed_ffn",
@@ -103,6 +104,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     return fn(x, weight.detach(), eps)
 
 
+PACK = 16  # output columns per packed panel (gemm.h)
+
+
+def pack_panels(w: torch.Tensor) -> torch.Tensor:
+    """[E, N, K] Linear-layout weights -> [E, ceil(N / 16), K, 16], zero padded: the layout
+    gemm.h's packed product streams (one sequential run of memory per 16 outputs)."""
+    e, n, k = w.shape
+    panels = -(-n // PACK)
+    padded = torch.nn.functional.pad(w.detach(), (0, 0, 0, panels * PACK - n))  # [E, P*16, K]
+    return padded.view(e, panels, PACK, k).transpose(2, 3).contiguous()
+
+
 def routed_ffn(
     x: torch.Tensor,
     tokens: torch.Tensor,
@@ -110,14 +123,17 @@ def routed_ffn(
     counts: list[int],
     w13: torch.Tensor,
     w2: torch.Tensor,
+    packed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """x [T, H], tokens [N] grouped by expert, weights [N], counts [El], w13 [El, 2I, H],
-    w2 [El, H, I] -> [T, H]; None when the kernel cannot run here (use the torch path)."""
+    w2 [El, H, I] (and optionally both through `pack_panels`, which the few-row items then
+    read) -> [T, H]; None when the kernel cannot run here (use the torch path)."""
     fn = kernel("routed_ffn")
     if fn is None or x.device.type != "cpu" or torch.is_grad_enabled():
         return None
     counts_t = torch.tensor(counts, dtype=torch.int64)
-    return fn(x.contiguous(), tokens, weights, counts_t, w13.detach(), w2.detach())
+    w13p, w2p = packed if packed is not None else (None, None)
+    return fn(x.contiguous(), tokens, weights, counts_t, w13.detach(), w2.detach(), w13p, w2p)
 
 
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, part, layout, scale: float):

@@ -10,6 +10,8 @@
 
 #include "kernels.h"
 
+#include <algorithm>
+
 namespace gemm {
 
 constexpr int MR = 2, NR = 6;  // 12 accumulators + 2 A + 1 W = 15 of 16 ymm registers
@@ -51,6 +53,58 @@ MOE_INLINE void nt_gemm(const float* a, int64_t lda, const float* w, int64_t ldw
   int64_t j = 0;
   for (; j + NR <= n; j += NR) column_panel<NR>(a, lda, w + j * ldw, ldw, c + j, ldc, m, k);
   for (; j < n; ++j) column_panel<1>(a, lda, w + j * ldw, ldw, c + j, ldc, m, k);
+}
+
+// Packed panels: W [N, K] stored as [ceil(N / 16), K, 16] (column panels of 16 outputs, zero
+// padded), so one panel is a single sequential stream of K * 64 bytes: with few rows the
+// product is bound by W's traffic, and one stream per panel keeps the hardware prefetcher
+// ahead where 16 separate row streams did not (1.3-1.5x at 4-16 rows on cold weights).
+// A tile of R rows x 16 outputs: per k, two loads of W and R broadcasts of A feed 2R FMAs.
+constexpr int PACK = 16, PR = 6;  // 12 accumulators + 2 W + 1 broadcast
+
+template <int R>
+MOE_INLINE void packed_tile(const float* a, int64_t lda, const float* wp, float* c, int64_t ldc,
+                            int64_t k, int64_t cols) {
+  v8f acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = v8f{};
+  for (int64_t p = 0; p < k; ++p) {
+    const v8f w0 = load8(wp + p * PACK), w1 = load8(wp + p * PACK + 8);
+    for (int r = 0; r < R; ++r) {
+      const float s = a[r * lda + p];
+      acc[r][0] += s * w0;
+      acc[r][1] += s * w1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if (cols == PACK) {
+      store8(c + r * ldc, acc[r][0]);
+      store8(c + r * ldc + 8, acc[r][1]);
+    } else {
+      for (int64_t j = 0; j < cols; ++j) c[r * ldc + j] = j < 8 ? acc[r][0][j] : acc[r][1][j - 8];
+    }
+  }
+}
+
+// a [M, K] (lda), wp [ceil(N / 16), K, 16] (packed W), c [M, N] (ldc).
+MOE_INLINE void packed_gemm(const float* a, int64_t lda, const float* wp, float* c, int64_t ldc,
+                            int64_t m, int64_t n, int64_t k) {
+  for (int64_t q = 0; q * PACK < n; ++q) {
+    const float* w = wp + q * k * PACK;
+    float* cq = c + q * PACK;
+    const int64_t cols = std::min<int64_t>(PACK, n - q * PACK);
+    int64_t r = 0;
+    for (; r + PR <= m; r += PR) packed_tile<PR>(a + r * lda, lda, w, cq + r * ldc, ldc, k, cols);
+    const float* ar = a + r * lda;
+    float* cr = cq + r * ldc;
+    switch (m - r) {
+      case 1: packed_tile<1>(ar, lda, w, cr, ldc, k, cols); break;
+      case 2: packed_tile<2>(ar, lda, w, cr, ldc, k, cols); break;
+      case 3: packed_tile<3>(ar, lda, w, cr, ldc, k, cols); break;
+      case 4: packed_tile<4>(ar, lda, w, cr, ldc, k, cols); break;
+      case 5: packed_tile<5>(ar, lda, w, cr, ldc, k, cols); break;
+      default: break;
+    }
+  }
 }
 
 }  // namespace gemm

@@ -4,7 +4,9 @@
 #include <torch/extension.h>
 
 torch::Tensor routed_ffn(torch::Tensor x, torch::Tensor tokens, torch::Tensor weights,
-                         torch::Tensor counts, torch::Tensor w13, torch::Tensor w2);
+                         torch::Tensor counts, torch::Tensor w13, torch::Tensor w2,
+                         c10::optional<torch::Tensor> w13_packed,
+                         c10::optional<torch::Tensor> w2_packed);
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor cache,
                                      torch::Tensor context_slots, torch::Tensor context_lens,

@@ -33,10 +33,16 @@ struct Ffn {
   const float* x;        // [T, H]
   const int64_t* tokens; // [N]
   const float* weights;  // [N]
-  const float* w13;      // [El, 2I, H]
-  const float* w2;       // [El, H, I]
+  const float* w13;      // [El, 2I, H], or packed [El, 2I / 16, H, 16] (gemm.h)
+  const float* w2;       // [El, H, I], or packed [El, H / 16, I, 16]
+  bool packed;
   float* ys;             // [N, H]
   int64_t h, i;
+
+  // rows of one expert's weight block in its layout (packed: padded to whole panels)
+  int64_t rows(int64_t n) const {
+    return packed ? (n + gemm::PACK - 1) / gemm::PACK * gemm::PACK : n;
+  }
 };
 
 // One item on the small-M path; buf holds [rows, H] gathered rows then [rows, 2I].
@@ -48,7 +54,12 @@ MOE_INLINE void small_item(const Ffn& f, const Item& it, float* buf) {
     const float* src = f.x + f.tokens[it.start + r] * h;
     std::copy(src, src + h, xg + r * h);
   }
-  gemm::nt_gemm(xg, h, f.w13 + it.expert * 2 * i * h, h, hg, 2 * i, n, 2 * i, h);
+  const float* w13 = f.w13 + it.expert * f.rows(2 * i) * h;
+  if (f.packed) {
+    gemm::packed_gemm(xg, h, w13, hg, 2 * i, n, 2 * i, h);
+  } else {
+    gemm::nt_gemm(xg, h, w13, h, hg, 2 * i, n, 2 * i, h);
+  }
   const int64_t i8 = i - i % 8;
   for (int64_t r = 0; r < n; ++r) {
     float* gate = hg + r * 2 * i;
@@ -61,7 +72,12 @@ MOE_INLINE void small_item(const Ffn& f, const Item& it, float* buf) {
     }
     for (; c < i; ++c) gate[c] = gate[c] / (1.f + std::exp(-gate[c])) * up[c] * w;
   }
-  gemm::nt_gemm(hg, 2 * i, f.w2 + it.expert * h * i, i, f.ys + it.start * h, h, n, h, i);
+  const float* w2 = f.w2 + it.expert * f.rows(h) * i;
+  if (f.packed) {
+    gemm::packed_gemm(hg, 2 * i, w2, f.ys + it.start * h, h, n, h, i);
+  } else {
+    gemm::nt_gemm(hg, 2 * i, w2, i, f.ys + it.start * h, h, n, h, i);
+  }
 }
 
 using SmallFn = void (*)(const Ffn&, const Item&, float*);
@@ -71,10 +87,14 @@ MOE_ISA_VARIANTS(small_item, small_item, (const Ffn& f, const Item& it, float* b
 }  // namespace
 
 // x [T, H]; tokens [N] int64, rows of x grouped by expert; weights [N] (x's dtype);
-// counts [El] int64 on CPU (rows of each expert, in order); w13 [El, 2I, H]; w2 [El, H, I].
+// counts [El] int64 on CPU (rows of each expert, in order); w13 [El, 2I, H]; w2 [El, H, I];
+// optionally the same weights packed for gemm.h ([El, 2I / 16, H, 16], [El, H / 16, I, 16],
+// zero padded), which the few-row items then read instead.
 // Returns [T, H]: sum over each token's pairs of weight * FFN_e(x[token]).
 torch::Tensor routed_ffn(torch::Tensor x, torch::Tensor tokens, torch::Tensor weights,
-                         torch::Tensor counts, torch::Tensor w13, torch::Tensor w2) {
+                         torch::Tensor counts, torch::Tensor w13, torch::Tensor w2,
+                         c10::optional<torch::Tensor> w13_packed,
+                         c10::optional<torch::Tensor> w2_packed) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [T, H] tensor");
   TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3, "w13 [El, 2I, H] and w2 [El, H, I]");
   TORCH_CHECK(counts.device().is_cpu() && counts.scalar_type() == torch::kInt64,
@@ -103,10 +123,25 @@ torch::Tensor routed_ffn(torch::Tensor x, torch::Tensor tokens, torch::Tensor we
   const bool small_ok = x.scalar_type() == torch::kFloat32 && weights.is_contiguous() &&
                         tokens.is_contiguous() && w13.is_contiguous() && w2.is_contiguous() &&
                         weights.scalar_type() == torch::kFloat32;
+  const bool packed = w13_packed.has_value() && w2_packed.has_value();
+  if (packed) {
+    const int64_t p = gemm::PACK;
+    TORCH_CHECK(w13_packed->is_contiguous() && w2_packed->is_contiguous() &&
+                    w13_packed->sizes() == at::IntArrayRef({el, (i2 + p - 1) / p, h, p}) &&
+                    w2_packed->sizes() == at::IntArrayRef({el, (h + p - 1) / p, i, p}),
+                "packed weights must be contiguous [El, 2I/16, H, 16] and [El, H/16, I, 16]");
+  }
   Ffn ffn{};
   if (small_ok) {
-    ffn = Ffn{x.data_ptr<float>(), tokens.data_ptr<int64_t>(), weights.data_ptr<float>(),
-              w13.data_ptr<float>(), w2.data_ptr<float>(), ys.data_ptr<float>(), h, i};
+    ffn = Ffn{x.data_ptr<float>(),
+              tokens.data_ptr<int64_t>(),
+              weights.data_ptr<float>(),
+              packed ? w13_packed->data_ptr<float>() : w13.data_ptr<float>(),
+              packed ? w2_packed->data_ptr<float>() : w2.data_ptr<float>(),
+              packed,
+              ys.data_ptr<float>(),
+              h,
+              i};
   }
   const SmallFn small_fn = pick_isa(small_item_avx512, small_item_avx2, small_item_base);
   const bool inference = c10::InferenceMode::is_enabled();

@@ -35,7 +35,9 @@ static std::string isa_name() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("routed_ffn", &routed_ffn, "routed experts' SwiGLU FFN, grouped by expert, no padding");
+  m.def("routed_ffn", &routed_ffn, "routed experts' SwiGLU FFN, grouped by expert, no padding",
+        py::arg("x"), py::arg("tokens"), py::arg("weights"), py::arg("counts"), py::arg("w13"),
+        py::arg("w2"), py::arg("w13_packed") = py::none(), py::arg("w2_packed") = py::none());
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention reading K/V in place from the paged cache");
   m.def("linear", &linear, "x W^T (+ b) for few rows, fp32");

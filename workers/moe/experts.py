@@ -53,6 +53,10 @@ class RoutedExperts(nn.Module):
         self.layer_index = 0  # this MoE layer's position among the model's MoE layers
         self.expert_load: ExpertLoad | None = None  # model-wide; see CausalLM.track_expert_load
         self.use_kernel = True  # the fused C++ kernel when built (else the torch paths below)
+        # w13/w2 in the kernel's packed-panel layout, made on the kernel's first fp32 CPU call
+        # and again whenever the weights change (load, rebalance): a second copy of the expert
+        # weights, for ~1.3-1.5x on the few-row products of decode steps (workers/kernels).
+        self._packed: tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def num_logical(self) -> int:
@@ -152,12 +156,23 @@ class RoutedExperts(nn.Module):
         tokens = order // k  # [N], grouped by expert
         w = topk_weights.flatten().index_select(0, order).to(x.dtype)  # [N]
         if self.use_kernel:  # C++: experts across threads, no padding (workers/kernels)
-            out = kernels.routed_ffn(x, tokens, w, counts, self.w13, self.w2)
+            out = kernels.routed_ffn(x, tokens, w, counts, self.w13, self.w2, self._panels(x))
             if out is not None:
                 return out
         if _use_padded(counts):
             return self._padded(x, local, tokens, w, counts, cap)
         return self._looped(x, tokens, w, counts)
+
+    def _panels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The weights packed for the kernel (kernels.pack_panels), current with w13/w2; None
+        off the CPU or in other dtypes than fp32 (the kernel then reads w13/w2)."""
+        w13, w2 = self.w13, self.w2
+        if x.device.type != "cpu" or x.dtype != torch.float32 or w13.dtype != torch.float32:
+            return None
+        key = (w13.data_ptr(), w13._version, w2.data_ptr(), w2._version)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, (kernels.pack_panels(w13), kernels.pack_panels(w2)))
+        return self._packed[1]
 
     def _swiglu(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """h [..., 2I] (gate, up), w broadcastable to [..., 1] -> silu(gate) * up * w [..., I],
