@@ -72,7 +72,7 @@ def kernel(name: str) -> Callable | None:
 
 
 # `linear` takes a product when it measured faster than ATen's sgemm on 2 threads
-# (bench/machine.py --linear): at most SMALL_ROWS rows, or tall outputs (the LM head) up to
+# (`python -m bench.gemm`): at most SMALL_ROWS rows, or tall outputs (the LM head) up to
 # TALL_ROWS rows.
 SMALL_ROWS, TALL_ROWS, TALL_OUT = 32, 128, 2048
 
