@@ -71,6 +71,16 @@ def kernel(name: str) -> Callable | None:
     return None if module is None else getattr(module, name)
 
 
+def _cpu_kernel(name: str, *tensors: torch.Tensor, fp32: bool = True) -> Callable | None:
+    """The kernel `name` when it can take `tensors`: built and on, every tensor on the CPU (and
+    fp32 when `fp32`), autograd off; else None."""
+    if torch.is_grad_enabled() or any(
+        t.device.type != "cpu" or (fp32 and t.dtype != torch.float32) for t in tensors
+    ):
+        return None
+    return kernel(name)
+
+
 # `linear` takes a product when it measured faster than ATen's sgemm on 2 threads
 # (`python -m bench.gemm`): at most SMALL_ROWS rows, or tall outputs (the LM head) up to
 # TALL_ROWS rows.
@@ -80,14 +90,12 @@ SMALL_ROWS, TALL_ROWS, TALL_OUT = 32, 128, 2048
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """x [..., K] @ weight [N, K]^T (+ bias [N]) -> [..., N]; None when ATen is the better
     (or only) choice here: not fp32 on the CPU, autograd on, or too many rows."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return None
     n, k = weight.shape
     rows = x.numel() // k if k else 0
     if rows == 0 or rows > (TALL_ROWS if n >= TALL_OUT else SMALL_ROWS):
         return None
-    fn = kernel("linear")
-    if fn is None or torch.is_grad_enabled():
+    fn = _cpu_kernel("linear", x, weight)
+    if fn is None:
         return None
     y = fn(x.reshape(rows, k).contiguous(), weight.detach().contiguous(), bias)
     return y.view(*x.shape[:-1], n)
@@ -96,10 +104,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """RMSNorm over the last dim of fp32 x [..., D] with weight [D]; None when the kernel
     cannot run here (use the torch path)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return None
-    fn = kernel("rms_norm")
-    if fn is None or torch.is_grad_enabled():
+    fn = _cpu_kernel("rms_norm", x, weight)
+    if fn is None:
         return None
     return fn(x, weight.detach(), eps)
 
@@ -128,8 +134,8 @@ def routed_ffn(
     """x [T, H], tokens [N] grouped by expert, weights [N], counts [El], w13 [El, 2I, H],
     w2 [El, H, I] (and optionally both through `pack_panels`, which the few-row items then
     read) -> [T, H]; None when the kernel cannot run here (use the torch path)."""
-    fn = kernel("routed_ffn")
-    if fn is None or x.device.type != "cpu" or torch.is_grad_enabled():
+    fn = _cpu_kernel("routed_ffn", x, fp32=False)
+    if fn is None:
         return None
     counts_t = torch.tensor(counts, dtype=torch.int64)
     w13p, w2p = packed if packed is not None else (None, None)
@@ -140,14 +146,8 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, part, layout, s
     """One decode part's attention read in place from `cache` (see attention.cpp): q [T, Hq, Dk]
     (the step's queries), `part` an AttentionPart with Q = 1, `layout` a KVLayout ->
     [b, Hq, Dv] in the part's order; None when the kernel cannot run here."""
-    fn = kernel("paged_decode_attention")
-    if (
-        fn is None
-        or q.device.type != "cpu"
-        or q.dtype != torch.float32
-        or cache.dtype != torch.float32
-        or torch.is_grad_enabled()
-    ):
+    fn = _cpu_kernel("paged_decode_attention", q, cache)
+    if fn is None:
         return None
     qp = q.index_select(0, part.query_index[:, 0])  # [b, Hq, Dk]
     return fn(
