@@ -247,7 +247,7 @@ def main() -> None:
             "router": {"port": port, "request_timeout_s": 600, "max_queued_requests": 512},
         }
     )
-    deploy(cfg, http_port=free_port(), timeout_s=600)
+    deploy(cfg.with_overrides(http_port=free_port()), timeout_s=600)
     target = f"localhost:{port}"
     rnd = random.Random(3)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)

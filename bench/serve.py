@@ -63,7 +63,7 @@ def deployed(cfg: ClusterConfig, timeout_s: float = 900) -> Iterator[str]:
     application, Serve and Ray down."""
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        deploy(cfg, http_port=free_port(), timeout_s=timeout_s)
+        deploy(cfg.with_overrides(http_port=free_port()), timeout_s=timeout_s)
         yield f"localhost:{cfg.router.port}"
     finally:
         undeploy()

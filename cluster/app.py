@@ -5,8 +5,10 @@ Three deployments:
 - `PrefillRank` and `DecodeRank`: one replica per rank, gang-scheduled (gang size = the
   expert-parallel size, PACK or SPREAD); a gang is one torch.distributed group whose ranks meet
   through the application's `GangRegistry`. Scaling is in whole gangs.
-- `Router`: the gRPC front door. It serves `moe.v1.Inference` on `router.port` itself
-  (`router/server.py`, on the head node; Serve's gRPC proxy is not used) and reaches the ranks
+- `Router`: the front door. It serves `moe.v1.Inference` on `router.port` itself
+  (`router/server.py`, on the head node; Serve's gRPC proxy is not used), is the application's
+  HTTP ingress for the OpenAI-compatible API (`router/openai_api/`, behind Serve's HTTP proxy on
+  `router.http_port`; a plain replica when that is null) and reaches the ranks
   over one channel per rank (`router/channels.py`), not through Serve handles: it learns where
   they listen from the registry, balances each stage itself and migrates requests.
 
@@ -29,6 +31,7 @@ from cluster.metrics import RankMetrics
 from cluster.registry import REPORT_PERIOD_S, gang_init_method, registry
 from router.channels import RankDirectory
 from router.metrics import RouterMetrics
+from router.openai_api import OpenAIFrontend, openai_ingress
 from router.requests import StopLimits
 from router.server import GrpcFrontDoor
 from router.servicer import InferenceServicer, ModelDescription, RouterSettings
@@ -232,6 +235,14 @@ class RouterServer:
             max_message_bytes=r.max_message_bytes,
             on_loop_start=directory,  # channels open before the first request
         ).start()
+        # the OpenAI HTTP API (when router.http_port is set: build_app makes this class Serve's
+        # HTTP ingress) runs each request through the same servicer, on the gRPC server's loop
+        self.openai = OpenAIFrontend(
+            self.servicer,
+            self.front_door.relay,
+            served_name=cfg.model.name,
+            created=int(time.time()),
+        )
 
     def check_health(self) -> None:
         if not self.front_door.alive():
@@ -297,5 +308,5 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> serve.Application:
         health_check_period_s=2.0,
         graceful_shutdown_wait_loop_s=0.1,
         graceful_shutdown_timeout_s=cfg.router.drain_grace_s + GRACEFUL_MARGIN_S,
-    )(RouterServer)
+    )(RouterServer if cfg.router.http_port is None else openai_ingress(RouterServer))
     return router.bind(prefill.bind(plain), decode.bind(plain), plain)

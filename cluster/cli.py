@@ -76,11 +76,16 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="every rank recomputes every prompt (config: prefix_caching: false)",
     )
-    s.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy port")
+    s.add_argument(
+        "--http-port",
+        type=int,
+        help="port of the OpenAI-compatible HTTP API (Serve's HTTP proxy; default 8000; "
+        "config router.http_port: null turns it off)",
+    )
     s.add_argument(
         "--http-host",
         default="127.0.0.1",
-        help="address Serve's HTTP proxy binds (default loopback; 0.0.0.0 to expose it)",
+        help="address the HTTP API binds (default loopback; 0.0.0.0 to expose it)",
     )
     s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for ready")
     s.add_argument("--demo", metavar="PROMPT", help="once ready, stream one greedy completion")

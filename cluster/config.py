@@ -28,6 +28,7 @@ OVERRIDES = {
     "decode_gangs": "decode.num_gangs",
     "decode_gang_size": "decode.gang_size",
     "port": "router.port",
+    "http_port": "router.http_port",
     "prefix_caching": "prefix_caching",
 }
 _SECRET_FIELDS = {"auth_tokens"}  # never echoed back in an error
@@ -67,6 +68,17 @@ class ModelConfig(_Schema):
     max_model_len: int | None = Field(
         default=None, gt=0, description="prompt + output tokens; None: the model's max positions"
     )
+    served_name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="the model id of the OpenAI API (`model` in requests, GET /v1/models); "
+        "None: the checkpoint directory's name",
+    )
+
+    @property
+    def name(self) -> str:
+        """The id clients name the model by."""
+        return self.served_name or (Path(self.path).name or self.path)
 
 
 class _Autoscaling(_Schema):
@@ -183,6 +195,15 @@ class DecodeConfig(_Stage):
 
 class RouterConfig(_Schema):
     port: int = Field(default=9000, ge=1, le=65535, description="gRPC port the Router serves")
+    http_port: int | None = Field(
+        default=8000,
+        ge=1,
+        le=65535,
+        description="port of the OpenAI-compatible HTTP API (/v1/completions, "
+        "/v1/chat/completions, /v1/models), served by the Router behind Serve's HTTP proxy: "
+        "Serve's http_options.port must be this port (`moe-cluster serve` sets it; in a "
+        "RayService set both); null: no HTTP API",
+    )
     auth_tokens: list[str] = Field(
         default_factory=list,
         repr=False,  # secrets stay out of logs

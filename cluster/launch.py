@@ -27,14 +27,18 @@ class DeployError(RuntimeError):
 def deploy(
     cfg: ClusterConfig,
     *,
-    http_port: int = 8000,
     http_host: str = "127.0.0.1",
     timeout_s: float = 600.0,
 ) -> None:
-    """Start Serve (HTTP on `http_host:http_port`: loopback unless asked, nothing is served over
-    HTTP yet; no gRPC proxy: the Router serves `router.port` itself) on the connected Ray,
-    deploy the application and return once it serves requests."""
-    serve.start(http_options={"host": http_host, "port": http_port})
+    """Start Serve on the connected Ray (its HTTP proxy on `http_host:router.http_port`, loopback
+    unless asked, carrying the OpenAI API; no proxy when `router.http_port` is null; no gRPC
+    proxy: the Router serves `router.port` itself), deploy the application and return once it
+    serves requests. Serve keeps the proxy options of its first start."""
+    port = cfg.router.http_port
+    if port is None:
+        serve.start(proxy_location="Disabled")
+    else:
+        serve.start(http_options={"host": http_host, "port": port})
     serve.run_many(
         [serve.RunTarget(build_app(cfg), name=APP_NAME, route_prefix="/")],
         wait_for_applications_running=False,

@@ -29,6 +29,7 @@ def _config(args: argparse.Namespace) -> ClusterConfig:
     flat: dict[str, Any] = {
         "model": str(args.model) if args.model is not None else None,
         "port": args.port,
+        "http_port": args.http_port,
         "prefill_gangs": args.prefill_gangs,
         "prefill_gang_size": args.prefill_gang_size,
         "decode_gangs": args.decode_gangs,
@@ -81,9 +82,11 @@ def serve_command(args: argparse.Namespace) -> int:
     code = 0
     host = "localhost"  # the Router serves router.port on the head node
     try:
-        deploy(cfg, http_port=args.http_port, http_host=args.http_host, timeout_s=args.timeout)
+        deploy(cfg, http_host=args.http_host, timeout_s=args.timeout)
         host = "localhost" if embedded else head_node_ip()
-        print(f"moe-cluster serve: ready on {host}:{cfg.router.port}", flush=True)
+        http = cfg.router.http_port
+        api = f" (OpenAI HTTP API on {args.http_host}:{http}/v1)" if http is not None else ""
+        print(f"moe-cluster serve: ready on {host}:{cfg.router.port}{api}", flush=True)
         if args.demo:
             _demo(f"{host}:{cfg.router.port}", args.demo, cfg.router.auth_tokens)
         print("moe-cluster serve: serving until Ctrl-C or SIGTERM", file=sys.stderr, flush=True)

@@ -24,14 +24,16 @@ __all__ = ["RequestFailed", "RequestState", "run_request"]
 
 
 class RequestFailed(Exception):
-    """The request cannot go on; `status` is the gRPC status name for the client."""
+    """The request cannot go on; `status` is the gRPC status name for the client, `field` the
+    request field at fault when there is one (`sampling.top_p`; the HTTP API renames it)."""
 
-    def __init__(self, status: str, message: str) -> None:
+    def __init__(self, status: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.field = field
 
     def __reduce__(self):
-        return type(self), (self.status, str(self))
+        return type(self), (self.status, str(self), self.field)
 
 
 @dataclass

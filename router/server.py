@@ -17,10 +17,11 @@ request's stream (abort on its rank, handoff released).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -34,6 +35,7 @@ __all__ = ["GrpcFrontDoor"]
 
 log = logging.getLogger("moe_cluster.router")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+T = TypeVar("T")
 
 
 class _Adapter(pbg.InferenceServicer):
@@ -144,6 +146,45 @@ class GrpcFrontDoor:
         """Run a coroutine on the server's loop from another thread and wait for its result."""
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    async def relay(self, make: Callable[[], AsyncIterator[T]]) -> AsyncGenerator[T]:
+        """Iterate `make()` on this server's loop (where the servicer and its rank channels
+        live) from another running loop (the HTTP API's, Serve's replica loop): each item, the
+        end or the exception crosses over as it comes. Closing this iterator, or cancelling its
+        consumer (the HTTP client went away), cancels the iteration over there, which closes the
+        request's stream: the request is aborted on its rank and its KV freed."""
+        assert self._loop is not None, "start() the server first"
+        here = asyncio.get_running_loop()
+        items: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
+
+        def send(item: tuple[bool, Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the consumer's loop is closed: nobody waits
+                here.call_soon_threadsafe(items.put_nowait, item)
+
+        async def pump() -> None:
+            try:
+                async with contextlib.aclosing(make()) as it:  # type: ignore[type-var]
+                    async for item in it:
+                        send((True, item))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # RequestFailed and the unexpected alike: the consumer decides
+                send((False, e))
+            else:
+                send((False, None))
+
+        future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while True:
+                ok, item = await items.get()
+                if ok:
+                    yield item
+                elif item is None:
+                    return
+                else:
+                    raise item
+        finally:
+            future.cancel()
 
     def stop(self, grace_s: float) -> None:
         """Refuse new calls, let those in progress finish for up to `grace_s`, stop the loop."""

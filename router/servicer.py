@@ -1,4 +1,5 @@
-"""`InferenceServicer`: the `moe.v1.Inference` methods as Ray Serve's gRPC proxy calls them.
+"""`InferenceServicer`: the `moe.v1.Inference` methods, for the Router's gRPC server and (through
+`router/openai_api/`) its OpenAI-compatible HTTP API.
 
 Generate: authenticate -> size checks (before any work) -> admission -> validate and tokenize
 (off the event loop) -> `router/lifecycle.py` runs the request over the rank channels
@@ -62,8 +63,8 @@ class ModelDescription:
     dtype: str
 
 
-def _fail(code: grpc.StatusCode, message: str) -> NoReturn:
-    raise RequestFailed(code.name, message)
+def _fail(code: grpc.StatusCode, message: str, field: str | None = None) -> NoReturn:
+    raise RequestFailed(code.name, message, field)
 
 
 class InferenceServicer:
@@ -91,11 +92,11 @@ class InferenceServicer:
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: pb.GenerateRequest, grpc_context: Any = None
     ) -> AsyncIterator[pb.GenerateResponse]:
-        self._authenticate(grpc_context)
+        self.authenticate(grpc_context)
         try:
             check_sizes(request, self.limits, self.settings.max_prompt_bytes)
         except InvalidRequestError as e:
-            _fail(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            _fail(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field)
         if self.draining:
             _fail(
                 grpc.StatusCode.UNAVAILABLE,
@@ -121,7 +122,7 @@ class InferenceServicer:
                     stop_limits=self.settings.stop_limits,
                 )
             except InvalidRequestError as e:
-                _fail(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                _fail(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field)
             rid, n_prompt = parsed.request_id, len(parsed.prompt_token_ids)
             state = RequestState(
                 rid,
@@ -150,7 +151,7 @@ class InferenceServicer:
     async def Tokenize(  # noqa: N802
         self, request: pb.TokenizeRequest, grpc_context: Any = None
     ) -> pb.TokenizeResponse:
-        self._authenticate(grpc_context)
+        self.authenticate(grpc_context)
         if self.tokenizer is None:
             _fail(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -169,13 +170,13 @@ class InferenceServicer:
     async def GetModelInfo(  # noqa: N802
         self, request: pb.GetModelInfoRequest, grpc_context: Any = None
     ) -> pb.ModelInfo:
-        self._authenticate(grpc_context)
+        self.authenticate(grpc_context)
         return pb.ModelInfo(**dataclasses.asdict(self.model))  # same field names as the proto
 
     async def GetClusterStatus(  # noqa: N802
         self, request: pb.GetClusterStatusRequest, grpc_context: Any = None
     ) -> pb.ClusterStatus:
-        self._authenticate(grpc_context)
+        self.authenticate(grpc_context)
         try:  # the router's own view: every rank it holds a channel to, current within 0.5 s
             statuses = self._directory().statuses()
         except Exception as e:  # never INTERNAL with a traceback
@@ -191,7 +192,7 @@ class InferenceServicer:
     async def Drain(  # noqa: N802
         self, request: pb.DrainRequest, grpc_context: Any = None
     ) -> pb.DrainResponse:
-        self._authenticate(grpc_context)
+        self.authenticate(grpc_context)
         channels = self._directory().channels
         for i, rid in enumerate(request.replica_ids):
             if rid not in channels:
@@ -212,7 +213,8 @@ class InferenceServicer:
         return pb.DrainResponse(replica_ids=ids, running_requests=held)
 
     # --- helpers -----------------------------------------------------------------------------
-    def _authenticate(self, ctx: Any) -> None:
+    def authenticate(self, ctx: Any) -> None:
+        """UNAUTHENTICATED unless `ctx`'s metadata has an accepted bearer token (or auth is off)."""
         if not self._tokens:
             return
         metadata = dict(ctx.invocation_metadata()) if ctx is not None else {}

@@ -55,7 +55,7 @@ def target(model_dir, ray_cluster):
     cfg = two_stage_config(
         model_dir, port, step_token_budget=32, request_timeout_s=240, max_queued_requests=256
     )
-    deploy(cfg, http_port=free_port(), timeout_s=300)
+    deploy(cfg.with_overrides(http_port=free_port()), timeout_s=300)
     yield f"localhost:{port}"
     undeploy()
 

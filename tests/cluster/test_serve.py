@@ -68,7 +68,7 @@ def cluster(model_dir, ray_cluster):
         auth_tokens=[TOKEN],
         max_queued_requests=MAX_INFLIGHT,
     )
-    deploy(cfg, http_port=free_port(), timeout_s=300)
+    deploy(cfg.with_overrides(http_port=free_port()), timeout_s=300)
     yield f"localhost:{port}"
     undeploy()
 

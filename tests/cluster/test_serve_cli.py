@@ -5,11 +5,9 @@ then SIGTERM -> a clean exit. Auth is off here (no tokens configured)."""
 from __future__ import annotations
 
 import json
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 
 from cluster.net import free_port
 from cluster.offline import PromptSpec, run_offline
+from tests.cluster.serve_process import ServeProcess, iter_queue
 from workers.engine import SamplingParams
 from workers.engine.build import build_engine
 
@@ -50,41 +49,12 @@ def test_bad_flags_exit_2_naming_the_flag(tiny_checkpoint, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-class _Server:
-    def __init__(self, args: list[str]) -> None:
-        self.proc = subprocess.Popen(
-            [str(BIN / "moe-cluster"), "serve", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-
-    def wait_for(self, text: str, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            self.seen.append(line)
-            if text in line:
-                return line
-        tail = "".join(self.seen[-30:])
-        pytest.fail(f"`moe-cluster serve` never printed {text!r} in {timeout_s} s:\n{tail}")
-
-
 def test_serve_grpcurl_generate_and_sigterm(tiny_checkpoint):
     model = tiny_checkpoint("qwen3_moe")
     port = free_port()
-    server = _Server(["--model", str(model), "--port", str(port), "--http-port", str(free_port())])
+    server = ServeProcess(
+        ["--model", str(model), "--port", str(port), "--http-port", str(free_port())]
+    )
     streams: list[subprocess.Popen] = []
     try:
         ready = server.wait_for("ready on", 300)
@@ -169,14 +139,6 @@ def test_serve_grpcurl_generate_and_sigterm(tiny_checkpoint):
     output = "".join(server.seen) + "".join(iter_queue(server.lines))
     assert "failed to shut down" not in output, output[-2000:]
     assert time.monotonic() - sent < DRAIN_GRACE_S + 40
-
-
-def iter_queue(q: queue.Queue[str]):
-    while True:
-        try:
-            yield q.get_nowait()
-        except queue.Empty:
-            return
 
 
 def _json_objects(text: str) -> list[dict]:

@@ -139,3 +139,37 @@ def test_a_port_held_by_another_program_is_a_clear_error():
         port = s.getsockname()[1]
         with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}"):
             GrpcFrontDoor(StandIn(), port=port, host="127.0.0.1").start()
+
+
+def _relay_run(door: GrpcFrontDoor, prompt: str, take: int | None = None):
+    """Iterate the stand-in's Generate through `door.relay` from a loop of this thread."""
+
+    async def main():
+        got: list[pb.GenerateResponse] = []
+        req = pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParams(max_tokens=3))
+        stream = door.relay(lambda: door.servicer.Generate(req, None))
+        try:
+            async for msg in stream:
+                got.append(msg)
+                if take is not None and len(got) == take:
+                    break
+        finally:
+            await stream.aclose()
+        return got
+
+    return asyncio.run(asyncio.wait_for(main(), WAIT_S))
+
+
+def test_relay_carries_items_and_failures_across_loops(served):
+    _, door, _ = served
+    msgs = _relay_run(door, "three")
+    assert [m.token_ids[0] for m in msgs] == [100, 101, 102] and msgs[-1].finish_reason == "length"
+    with pytest.raises(RequestFailed) as err:
+        _relay_run(door, "fail-later")
+    assert err.value.status == "RESOURCE_EXHAUSTED"
+
+
+def test_closing_a_relay_closes_the_stream_on_the_server_loop(served):
+    servicer, door, _ = served
+    assert [m.text for m in _relay_run(door, "forever", take=1)] == ["a"]
+    assert servicer.closed.wait(WAIT_S), "the servicer's stream was not closed"
