@@ -251,6 +251,8 @@ def test_serve_config_is_valid_and_runs_build_app(path: Path) -> None:
     # the Router serves router.port itself: Serve's gRPC proxy must not serve anything
     assert not parsed.grpc_options.grpc_servicer_functions
     assert parsed.http_options.host == "0.0.0.0"
+    # the OpenAI API is served behind Serve's HTTP proxy: one port, defined twice, kept equal
+    assert parsed.http_options.port == ClusterConfig.from_args(app["args"]).router.http_port
 
 
 # ---- images carry the Ray version ----
@@ -412,6 +414,13 @@ def test_grpc_service_reaches_the_head(path: Path) -> None:
         if port["targetPort"] in (p["name"], p["containerPort"])
     ]
     assert target["containerPort"] == _cluster_config(_ray_service(path)).router.port
+    (http,) = [p for p in svc["ports"] if p["name"] == "http"]  # the OpenAI API next to gRPC
+    (http_target,) = [
+        p
+        for p in head["template"]["spec"]["containers"][0]["ports"]
+        if http["targetPort"] in (p["name"], p["containerPort"])
+    ]
+    assert http_target["containerPort"] == _cluster_config(_ray_service(path)).router.http_port
     head_labels = {**head["template"]["metadata"]["labels"], **KUBERAY_HEAD_LABELS}
     assert svc["selector"].items() <= head_labels.items()
     assert svc["selector"].keys() - KUBERAY_HEAD_LABELS.keys(), "select this app's heads only"
