@@ -1,8 +1,9 @@
-"""Serving benchmark: the cluster over gRPC vs the offline engine on the same workload.
+"""Serving benchmark: the cluster over gRPC (and/or the OpenAI HTTP API) vs the offline engine
+on the same workload.
 
     python -m bench.serve [--arch deepseek_v3] [--preset bench] [--streams 1,8,32,128]
                           [--prompt-len 64] [--new-tokens 128] [--gang-size 2]
-                          [--rank-threads 1] [--stream-interval 1]
+                          [--rank-threads 1] [--stream-interval 1] [--api grpc|openai|grpc,openai]
 
 For each concurrency C, C gRPC streams start together (one request each, greedy, ignore-eos,
 random prompts of --prompt-len tokens; asyncio clients in this process) against the cluster:
@@ -60,10 +61,10 @@ def percentile(xs: list[float], q: float) -> float:
 @contextlib.contextmanager
 def deployed(cfg: ClusterConfig, timeout_s: float = 900) -> Iterator[str]:
     """The cluster of `cfg` in this process's own Ray; yields its gRPC target, then takes the
-    application, Serve and Ray down."""
+    application, Serve and Ray down. The OpenAI API is on `cfg.router.http_port`."""
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        deploy(cfg.with_overrides(http_port=free_port()), timeout_s=timeout_s)
+        deploy(cfg, timeout_s=timeout_s)
         yield f"localhost:{cfg.router.port}"
     finally:
         undeploy()
@@ -75,6 +76,67 @@ def run_streams(
 ) -> dict[str, float]:
     """C concurrent streams, one request each; latencies from the client's receive times."""
     return asyncio.run(_streams(target, prompts, new, interval))
+
+
+def _summary(tok_s: float, ttft: list[float], itl: list[float]) -> dict[str, float]:
+    return {
+        "tok_s": tok_s,
+        "ttft_p50": percentile(ttft, 50) * 1e3,
+        "ttft_p99": percentile(ttft, 99) * 1e3,
+        "itl_p50": percentile(itl, 50) * 1e3,
+        "itl_p99": percentile(itl, 99) * 1e3,
+    }
+
+
+def run_sse_streams(base_url: str, prompts: list[list[int]], new: int) -> dict[str, float]:
+    """The same over the OpenAI API: C concurrent `POST /v1/completions` with `stream: true`
+    (server-sent events, one token per event at the cluster's stream_interval 1)."""
+    return asyncio.run(_sse_streams(base_url, prompts, new))
+
+
+async def _sse_streams(base_url: str, prompts: list[list[int]], new: int):
+    import httpx
+
+    ttft: list[float] = []
+    itl: list[float] = []
+    tokens = [0] * len(prompts)
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        body = {
+            "prompt": prompts[i],
+            "max_tokens": new,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        sent = last = time.perf_counter()
+        first = None
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200, await r.aread()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if not event["choices"]:  # the usage chunk
+                    tokens[i] = event["usage"]["completion_tokens"]
+                    continue
+                now = time.perf_counter()
+                if first is None:
+                    first = now - sent
+                else:
+                    itl.append(now - last)
+                last = now
+        ttft.append(first if first is not None else float("nan"))
+
+    limits = httpx.Limits(max_connections=len(prompts) + 1, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=base_url, timeout=900, limits=limits) as client:
+        (await client.get("/v1/models")).raise_for_status()  # connected before the clock starts
+        start = time.perf_counter()
+        await asyncio.gather(*(one(client, i) for i in range(len(prompts))))
+        elapsed = time.perf_counter() - start
+    assert sum(tokens) == new * len(prompts), tokens
+    return _summary(sum(tokens) / elapsed, ttft, itl)
 
 
 async def _streams(target: str, prompts: list[list[int]], new: int, interval: int):
@@ -107,13 +169,7 @@ async def _streams(target: str, prompts: list[list[int]], new: int, interval: in
         await asyncio.gather(*(one(client, i) for i in range(len(prompts))))
         elapsed = time.perf_counter() - start
     assert sum(tokens) == new * len(prompts), tokens
-    return {
-        "tok_s": sum(tokens) / elapsed,
-        "ttft_p50": percentile(ttft, 50) * 1e3,
-        "ttft_p99": percentile(ttft, 99) * 1e3,
-        "itl_p50": percentile(itl, 50) * 1e3,
-        "itl_p99": percentile(itl, 99) * 1e3,
-    }
+    return _summary(sum(tokens) / elapsed, ttft, itl)
 
 
 LABELS = (
@@ -206,10 +262,19 @@ def main() -> None:
     ap.add_argument("--stream-interval", type=int, default=0, help="0: the cluster default (1)")
     ap.add_argument("--config", type=json.loads, default={}, help="JSON merged into the config")
     ap.add_argument(
+        "--api",
+        default="grpc",
+        help="grpc, openai (HTTP/SSE /v1/completions) or both (grpc,openai: the same deployment, "
+        "alternating per concurrency)",
+    )
+    ap.add_argument(
         "--idle-s", type=float, default=0, help="first, CPU %% per process of the idle cluster"
     )
     args = ap.parse_args()
     levels = [int(s) for s in args.streams.split(",")]
+    apis = args.api.split(",")
+    if not set(apis) <= {"grpc", "openai"} or (apis != ["grpc"] and args.stream_interval > 1):
+        ap.error("--api: grpc, openai or grpc,openai; the OpenAI API streams at interval 1")
     path = checkpoint(args.arch, args.preset)
     vocab = int(json.loads((path / "config.json").read_text())["vocab_size"])
     g = torch.Generator().manual_seed(0)
@@ -222,13 +287,14 @@ def main() -> None:
         "model": {"path": str(path)},
         "prefill": {"gang_size": args.gang_size, "torch_threads": args.rank_threads},
         "decode": {"gang_size": args.gang_size, "torch_threads": args.rank_threads},
-        "router": {"port": port},
+        "router": {"port": port, "http_port": free_port()},
     }
     for section, values in args.config.items():
         base.setdefault(section, {}).update(values)
     cfg = ClusterConfig.from_args(base)
-    served: dict[int, dict[str, float]] = {}
-    cpu: dict[int, dict[str, float]] = {}
+    served: dict[tuple[str, int], dict[str, float]] = {}
+    cpu: dict[tuple[str, int], dict[str, float]] = {}
+    http = f"http://127.0.0.1:{cfg.router.http_port}"
     with deployed(cfg) as target:
         run_streams(target, workloads[levels[0]][:1], 4)  # warm-up
         if args.idle_s:
@@ -247,13 +313,20 @@ def main() -> None:
                 + f"; total {sum(pct.values()):.1f}",
                 flush=True,
             )
+        if "openai" in apis:
+            run_sse_streams(http, workloads[levels[0]][:1], 4)  # warm-up
         for c in levels:
-            cpu0 = cpu_seconds()
-            served[c] = run_streams(target, workloads[c], args.new_tokens, args.stream_interval)
-            cpu1 = cpu_seconds()
-            n = c * args.new_tokens
-            cpu[c] = {k: (cpu1[k] - cpu0.get(k, 0.0)) / n * 1e6 for k in cpu1}
-            print(f"cluster {c:>3} streams: {served[c]}", flush=True)
+            for api in apis:
+                cpu0 = cpu_seconds()
+                if api == "grpc":
+                    stats = run_streams(target, workloads[c], args.new_tokens, args.stream_interval)
+                else:
+                    stats = run_sse_streams(http, workloads[c], args.new_tokens)
+                cpu1 = cpu_seconds()
+                n = c * args.new_tokens
+                served[api, c] = stats
+                cpu[api, c] = {k: (cpu1[k] - cpu0.get(k, 0.0)) / n * 1e6 for k in cpu1}
+                print(f"cluster {api} {c:>3} streams: {stats}", flush=True)
 
     torch.set_num_threads(args.threads)
     ep = args.gang_size
@@ -264,33 +337,37 @@ def main() -> None:
         f"({args.rank_threads} threads/rank); offline: --ep {ep}"
     )
     print(
-        "| streams | cluster tok/s | offline tok/s | ratio | TTFT p50 / p99 ms | "
+        "| streams | API | cluster tok/s | offline tok/s | ratio | vs gRPC | TTFT p50 / p99 ms | "
         "offline TTFT p50 / p99 ms | ITL p50 / p99 ms |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     engine = build_engine(path, progress=False)
     ttft_off = {c: offline_ttft(engine, workloads[c]) for c in levels}
     del engine
     gc.collect()
     for c in levels:
         off = run_offline(path, workloads[c], args.new_tokens, ep)
-        s = served[c]
-        ttft = f"{s['ttft_p50']:.0f} / {s['ttft_p99']:.0f}"
         ttft_o = f"{ttft_off[c][0]:.0f} / {ttft_off[c][1]:.0f}"
-        itl = f"{s['itl_p50']:.1f} / {s['itl_p99']:.1f}"
-        ratio = s["tok_s"] / off
-        print(
-            f"| {c} | {s['tok_s']:.1f} | {off:.1f} | {ratio:.2f}x | {ttft} | {ttft_o} | {itl} |",
-            flush=True,
-        )
-    shown = [k for k in LABELS if any(cpu[c].get(k, 0.0) >= 1 for c in levels)] + ["other"]
-    print("\nCPU µs per streamed token, by process")
-    print("| streams | " + " | ".join(shown) + " | Router + ingress |")
-    print("|---:|" + "---:|" * (len(shown) + 1))
-    for c in levels:
-        row = " | ".join(f"{cpu[c].get(k, 0.0):.0f}" for k in shown)
-        hop = cpu[c].get("Router", 0.0) + cpu[c].get("ProxyActor", 0.0)
-        print(f"| {c} | {row} | **{hop:.0f}** |", flush=True)
+        for api in apis:
+            s = served[api, c]
+            ttft = f"{s['ttft_p50']:.0f} / {s['ttft_p99']:.0f}"
+            itl = f"{s['itl_p50']:.1f} / {s['itl_p99']:.1f}"
+            ratio = s["tok_s"] / off
+            vs = f"{s['tok_s'] / served['grpc', c]['tok_s']:.2f}x" if "grpc" in apis else "-"
+            print(
+                f"| {c} | {api} | {s['tok_s']:.1f} | {off:.1f} | {ratio:.2f}x | {vs} | {ttft} | "
+                f"{ttft_o} | {itl} |",
+                flush=True,
+            )
+    keys = list(cpu)
+    shown = [k for k in LABELS if any(cpu[key].get(k, 0.0) >= 1 for key in keys)] + ["other"]
+    print("\nCPU µs per streamed token, by process (ProxyActor: Serve's HTTP proxy)")
+    print("| streams | API | " + " | ".join(shown) + " | Router + ingress |")
+    print("|---:|---|" + "---:|" * (len(shown) + 1))
+    for api, c in sorted(keys, key=lambda k: (k[1], k[0])):
+        row = " | ".join(f"{cpu[api, c].get(k, 0.0):.0f}" for k in shown)
+        hop = cpu[api, c].get("Router", 0.0) + cpu[api, c].get("ProxyActor", 0.0)
+        print(f"| {c} | {api} | {row} | **{hop:.0f}** |", flush=True)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,8 @@ def test_bad_yaml_files_say_why(tmp_path, text, fix):
         ("prefill", {"gang_sise": 2}, "prefill.gang_sise", "did you mean 'gang_size'?"),
         ("decode", {"placement_strategy": "spread"}, "decode.placement_strategy", "'SPREAD'"),
         ("router", {"port": 70000}, "router.port", "must be <= 65535 (got 70000)"),
+        ("router", {"http_port": 0}, "router.http_port", "must be >= 1 (got 0)"),
+        ("model", {"served_name": ""}, "model.served_name", "at least 1 character"),
         ("router", {"auth_tokens": ["ok", ""]}, "router.auth_tokens", "remove them"),
         (
             "prefill",
@@ -197,6 +199,29 @@ def test_with_overrides_applies_cli_flags_and_validates():
     assert [p for p, _ in info.value.problems] == ["decode.num_gangs", "router.port"]
     with pytest.raises(ConfigError, match="prefill_gnags: unknown override; use one of"):
         cfg.with_overrides(prefill_gnags=2)
+
+
+def test_the_http_api_port_and_model_name():
+    cfg = ClusterConfig.from_args({"model": {"path": "/models/tiny-qwen/"}})
+    assert cfg.router.http_port == 8000 and cfg.model.name == "tiny-qwen"
+    assert cfg.with_overrides(http_port=8123).router.http_port == 8123
+    off = ClusterConfig.from_args({"model": MODEL, "router": {"http_port": None}})
+    assert off.router.http_port is None
+    named = ClusterConfig.from_args({"model": {**MODEL, "served_name": "deepseek-r1"}})
+    assert named.model.name == "deepseek-r1"
+
+
+def test_build_app_makes_the_router_the_http_ingress_only_with_an_http_port():
+    from ray.serve._private.http_util import ASGIAppReplicaWrapper
+
+    from cluster.app import RouterServer, build_app
+
+    def router_class(args: dict) -> type:
+        return build_app(args)._bound_deployment.func_or_class  # the Router deployment's class
+
+    ingress = router_class({"model": MODEL})
+    assert issubclass(ingress, RouterServer) and issubclass(ingress, ASGIAppReplicaWrapper)
+    assert router_class({"model": MODEL, "router": {"http_port": None}}) is RouterServer
 
 
 def test_dotted_keys_as_serve_run_passes_them_without_mutating_the_args():
