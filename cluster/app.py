@@ -51,6 +51,7 @@ APP_NAME = "moe-cluster"
 # graceful_shutdown_timeout_s = router.drain_grace_s + this margin, then force-kills.
 GRACEFUL_MARGIN_S = 30.0
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's built-in resource of the head node
+ROUTER_SPARE_REQUESTS = 64  # HTTP calls past the admission limit: rejected by us, not queued
 
 
 def engine_config(cfg: ClusterConfig, stage: str) -> EngineConfig:
@@ -305,6 +306,9 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> serve.Application:
         num_replicas=1,
         # on the head node: its port is the cluster's gRPC endpoint (the head Service's target)
         ray_actor_options={"num_cpus": 0.1, "resources": {HEAD_NODE_RESOURCE: 0.001}},
+        # HTTP requests reach the Router through Serve, which queues past this many per replica
+        # (default 5): admission is the servicer's (429 with its sentence past the limit)
+        max_ongoing_requests=cfg.router.max_queued_requests + ROUTER_SPARE_REQUESTS,
         health_check_period_s=2.0,
         graceful_shutdown_wait_loop_s=0.1,
         graceful_shutdown_timeout_s=cfg.router.drain_grace_s + GRACEFUL_MARGIN_S,

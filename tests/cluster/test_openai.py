@@ -246,7 +246,6 @@ def test_a_closed_stream_stops_its_request_and_frees_kv(client, server):
         while _kv_used(g.cluster_status())[0] == 0:  # the decode rank holds it now
             assert time.monotonic() < deadline, "the request never showed up on a rank"
         stream.close()
-        closed = time.monotonic()
         _wait_idle(g, "after the client closed its stream")
         decoded = _decoded(g.cluster_status()) - before
         assert decoded < 200, f"the decode rank went on to {decoded} of 400 tokens after close"
