@@ -32,6 +32,7 @@ from cluster.registry import REPORT_PERIOD_S, gang_init_method, registry
 from router.channels import RankDirectory
 from router.metrics import RouterMetrics
 from router.openai_api import OpenAIFrontend, openai_ingress
+from router.openai_api.direct import HttpFrontDoor, direct_app
 from router.requests import StopLimits
 from router.server import GrpcFrontDoor
 from router.servicer import InferenceServicer, ModelDescription, RouterSettings
@@ -236,22 +237,39 @@ class RouterServer:
             max_message_bytes=r.max_message_bytes,
             on_loop_start=directory,  # channels open before the first request
         ).start()
-        # the OpenAI HTTP API (when router.http_port is set: build_app makes this class Serve's
-        # HTTP ingress) runs each request through the same servicer, on the gRPC server's loop
+        # The OpenAI HTTP API runs each request through the same servicer, on the gRPC server's
+        # loop: behind Serve's proxy (build_app makes this class Serve's HTTP ingress) relayed
+        # there from Serve's loop; served by this replica itself (http_server: router) on it.
+        direct = r.http_port is not None and r.http_server == "router"
         self.openai = OpenAIFrontend(
             self.servicer,
-            self.front_door.relay,
+            _same_loop if direct else self.front_door.relay,
             served_name=cfg.model.name,
             created=int(time.time()),
         )
+        self.http: HttpFrontDoor | None = None
+        if direct:
+            assert r.http_port is not None
+            door = HttpFrontDoor(direct_app(self.openai), host="0.0.0.0", port=r.http_port)
+            self.http = self.front_door.run(door.start(), timeout_s=60)
 
     def check_health(self) -> None:
         if not self.front_door.alive():
             raise RuntimeError("the Router's gRPC server stopped")
+        if self.http is not None and not self.http.alive():
+            raise RuntimeError("the Router's HTTP server stopped")
 
     def __del__(self) -> None:
         """Serve's graceful shutdown: no new calls; those in progress get the drain grace."""
+        if self.http is not None:
+            with contextlib.suppress(Exception):
+                self.front_door.run(self.http.stop(self._grace_s), timeout_s=self._grace_s + 10)
         self.front_door.stop(self._grace_s)
+
+
+def _same_loop(make: Any) -> Any:
+    """The OpenAI API's "relay" when it runs on the servicer's own loop: none."""
+    return make()
 
 
 def _stage_options(cfg: ClusterConfig, stage: str) -> dict[str, Any]:
@@ -295,6 +313,11 @@ def _stage_options(cfg: ClusterConfig, stage: str) -> dict[str, Any]:
     return options
 
 
+def _serve_ingress(cfg: ClusterConfig) -> bool:
+    """Does Serve's HTTP proxy carry the OpenAI API to the Router (router.http_server: serve)?"""
+    return cfg.router.http_port is not None and cfg.router.http_server == "serve"
+
+
 def build_app(args: dict[str, Any] | ClusterConfig) -> serve.Application:
     """The application for `serve.run` / `serve run cluster.app:build_app` / serveConfigV2."""
     cfg = ClusterConfig.from_args(args)
@@ -312,5 +335,5 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> serve.Application:
         health_check_period_s=2.0,
         graceful_shutdown_wait_loop_s=0.1,
         graceful_shutdown_timeout_s=cfg.router.drain_grace_s + GRACEFUL_MARGIN_S,
-    )(RouterServer if cfg.router.http_port is None else openai_ingress(RouterServer))
+    )(openai_ingress(RouterServer) if _serve_ingress(cfg) else RouterServer)
     return router.bind(prefill.bind(plain), decode.bind(plain), plain)

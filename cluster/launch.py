@@ -31,11 +31,12 @@ def deploy(
     timeout_s: float = 600.0,
 ) -> None:
     """Start Serve on the connected Ray (its HTTP proxy on `http_host:router.http_port`, loopback
-    unless asked, carrying the OpenAI API; no proxy when `router.http_port` is null; no gRPC
-    proxy: the Router serves `router.port` itself), deploy the application and return once it
+    unless asked, carrying the OpenAI API; no proxy when `router.http_port` is null or the
+    Router serves it itself, `router.http_server: router`; no gRPC proxy: the Router serves
+    `router.port` itself), deploy the application and return once it
     serves requests. Serve keeps the proxy options of its first start."""
     port = cfg.router.http_port
-    if port is None:
+    if port is None or cfg.router.http_server == "router":  # the Router serves it (or nothing)
         serve.start(proxy_location="Disabled")
     else:
         serve.start(http_options={"host": http_host, "port": port})

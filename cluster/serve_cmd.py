@@ -85,7 +85,9 @@ def serve_command(args: argparse.Namespace) -> int:
         deploy(cfg, http_host=args.http_host, timeout_s=args.timeout)
         host = "localhost" if embedded else head_node_ip()
         http = cfg.router.http_port
-        api = f" (OpenAI HTTP API on {args.http_host}:{http}/v1)" if http is not None else ""
+        # Serve's proxy binds --http-host; the Router's own HTTP server every address, as gRPC
+        http_host = args.http_host if cfg.router.http_server == "serve" else host
+        api = f" (OpenAI HTTP API on {http_host}:{http}/v1)" if http is not None else ""
         print(f"moe-cluster serve: ready on {host}:{cfg.router.port}{api}", flush=True)
         if args.demo:
             _demo(f"{host}:{cfg.router.port}", args.demo, cfg.router.auth_tokens)

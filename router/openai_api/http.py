@@ -244,7 +244,8 @@ def _frontend() -> OpenAIFrontend:
     """The OpenAIFrontend of the Router replica serving this request."""
     from ray import serve
 
-    return serve.get_replica_context().servable_object.openai
+    replica: Any = serve.get_replica_context().servable_object
+    return replica.openai
 
 
 # Plain functions, not methods: Serve ships the FastAPI app to the replica by value and its

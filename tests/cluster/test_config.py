@@ -118,6 +118,7 @@ def test_bad_yaml_files_say_why(tmp_path, text, fix):
         ("decode", {"placement_strategy": "spread"}, "decode.placement_strategy", "'SPREAD'"),
         ("router", {"port": 70000}, "router.port", "must be <= 65535 (got 70000)"),
         ("router", {"http_port": 0}, "router.http_port", "must be >= 1 (got 0)"),
+        ("router", {"http_server": "proxy"}, "router.http_server", "'serve' or 'router'"),
         ("model", {"served_name": ""}, "model.served_name", "at least 1 character"),
         ("router", {"auth_tokens": ["ok", ""]}, "router.auth_tokens", "remove them"),
         (
@@ -222,6 +223,8 @@ def test_build_app_makes_the_router_the_http_ingress_only_with_an_http_port():
     ingress = router_class({"model": MODEL})
     assert issubclass(ingress, RouterServer) and issubclass(ingress, ASGIAppReplicaWrapper)
     assert router_class({"model": MODEL, "router": {"http_port": None}}) is RouterServer
+    # the Router serves the port itself: no Serve ingress (and `deploy` starts no proxy)
+    assert router_class({"model": MODEL, "router": {"http_server": "router"}}) is RouterServer
 
 
 def test_dotted_keys_as_serve_run_passes_them_without_mutating_the_args():

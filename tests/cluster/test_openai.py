@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API of `moe-cluster serve`, called with the official `openai`
 package (a client nobody here wrote) and once with plain `httpx` for the SSE framing.
 
-One server for the module (1 prefill + 1 decode rank, auth on): greedy completions and chat,
+One server at a time (1 prefill + 1 decode rank, auth on), the HTTP port served by Serve's
+proxy, then by the Router itself: greedy completions and chat,
 streamed and not, equal the gRPC API's output and the offline engine's; bad parameters are 400
 naming the parameter; no token is 401; a client that closes its stream mid-way gets its request
 stopped and the KV back to 0 (GetClusterStatus). Every wait is bounded."""
@@ -42,8 +43,10 @@ def model(tiny_checkpoint):
     return tiny_checkpoint("qwen3_moe")
 
 
-@pytest.fixture(scope="module")
-def server(model, tmp_path_factory):
+@pytest.fixture(scope="module", params=["serve", "router"])
+def server(request, model, tmp_path_factory):
+    """Both ways of serving the HTTP port: Serve's HTTP proxy -> the Router replica (default),
+    and the Router replica's own HTTP server (router.http_server: router)."""
     grpc_port, http_port = free_port(), free_port()
     config = tmp_path_factory.mktemp("openai") / "cluster.yaml"
     config.write_text(
@@ -52,14 +55,19 @@ def server(model, tmp_path_factory):
                 "model": {"path": str(model), "served_name": "tiny-qwen"},
                 "prefill": {"gang_size": 1, "num_cpus_per_rank": 0.01},
                 "decode": {"gang_size": 1, "num_cpus_per_rank": 0.01},
-                "router": {"port": grpc_port, "http_port": http_port, "auth_tokens": [TOKEN]},
+                "router": {
+                    "port": grpc_port,
+                    "http_port": http_port,
+                    "http_server": request.param,
+                    "auth_tokens": [TOKEN],
+                },
             }
         )
     )
     proc = ServeProcess(["--config", str(config)])
     try:
         ready = proc.wait_for("ready on", 300)
-        assert f"OpenAI HTTP API on 127.0.0.1:{http_port}/v1" in ready, ready
+        assert f":{http_port}/v1" in ready, ready
         yield {"grpc": f"localhost:{grpc_port}", "http": f"http://127.0.0.1:{http_port}"}
     finally:
         proc.proc.send_signal(signal.SIGTERM)
