@@ -238,14 +238,16 @@ class RouterServer:
             on_loop_start=directory,  # channels open before the first request
         ).start()
         # The OpenAI HTTP API runs each request through the same servicer, on the gRPC server's
-        # loop: behind Serve's proxy (build_app makes this class Serve's HTTP ingress) relayed
-        # there from Serve's loop; served by this replica itself (http_server: router) on it.
+        # loop (relayed: one task there owns the request's stream): behind Serve's proxy
+        # (build_app makes this class Serve's HTTP ingress) from Serve's loop; served by this
+        # replica itself (http_server: router) from the same loop.
         direct = r.http_port is not None and r.http_server == "router"
         self.openai = OpenAIFrontend(
             self.servicer,
-            _same_loop if direct else self.front_door.relay,
+            self.front_door.relay,
             served_name=cfg.model.name,
             created=int(time.time()),
+            watch_disconnect=direct,
         )
         self.http: HttpFrontDoor | None = None
         if direct:
@@ -265,11 +267,6 @@ class RouterServer:
             with contextlib.suppress(Exception):
                 self.front_door.run(self.http.stop(self._grace_s), timeout_s=self._grace_s + 10)
         self.front_door.stop(self._grace_s)
-
-
-def _same_loop(make: Any) -> Any:
-    """The OpenAI API's "relay" when it runs on the servicer's own loop: none."""
-    return make()
 
 
 def _stage_options(cfg: ClusterConfig, stage: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@ Why: behind Serve's HTTP proxy every streamed event is one item of a Ray actor s
 Router replica to the proxy, re-sent from there; at 32 streams that costs ~1.8 ms of CPU per
 token over the two processes against ~0.4 ms for gRPC (README, "The OpenAI API over HTTP").
 Here an event is one socket write from the process that holds the rank channels, as for gRPC:
-the request runs on the same loop as the servicer (no relay between loops). Router replicas of
+the request runs on the same loop as the servicer. Router replicas of
 a node share the port (SO_REUSEPORT); Serve's own HTTP proxy must not bind it.
 """
 

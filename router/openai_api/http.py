@@ -17,11 +17,12 @@ event, then `data: [DONE]`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -35,6 +36,7 @@ from router.proto import inference_pb2 as pb
 __all__ = ["OpenAIFrontend", "openai_ingress"]
 
 log = logging.getLogger("moe_cluster.router")
+T = TypeVar("T")
 Relay = Callable[[Callable[[], AsyncIterator[Any]]], AsyncGenerator[Any]]
 
 
@@ -61,9 +63,18 @@ class OpenAIFrontend:
     """The three endpoints over one `InferenceServicer`; `relay` runs its Generate stream on the
     gRPC server's loop (the servicer's rank channels live there)."""
 
-    def __init__(self, servicer: Any, relay: Relay, *, served_name: str, created: int) -> None:
+    def __init__(
+        self,
+        servicer: Any,
+        relay: Relay,
+        *,
+        served_name: str,
+        created: int,
+        watch_disconnect: bool = False,
+    ) -> None:
         self.servicer = servicer
         self.relay = relay
+        self.watch_disconnect = watch_disconnect  # the server does not cancel on disconnect
         self.served_name = served_name
         self.created = created
         self._texts: dict[int, str] = {}  # token id -> its text, for logprobs
@@ -132,28 +143,50 @@ class OpenAIFrontend:
         ctx = _Headers(request)
         stream = self.relay(lambda: self.servicer.Generate(p.request, ctx))
         try:  # everything that fails before the first token is an HTTP status
-            first = await anext(stream)
+            first = await self._unless_gone(request, anext(stream))
         except RequestFailed as e:
             return _error(convert.failure(e, p.renames))
+        except _ClientGone:
+            return Response(status_code=499)  # nobody reads it
         except BaseException:
             await stream.aclose()  # cancelled (client gone): stop the request on its rank
             raise
         shape = _Shape(self, p, chat)
-        if p.stream:
+        if p.stream:  # a closed connection cancels the response's iteration (Starlette)
             return StreamingResponse(
                 self._events(first, stream, shape),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
         try:
-            msgs = [first]
-            async for msg in stream:
-                msgs.append(msg)
+            msgs = await self._unless_gone(request, _rest(first, stream))
         except RequestFailed as e:
             return _error(convert.failure(e, p.renames))
+        except _ClientGone:
+            return Response(status_code=499)
         finally:
             await stream.aclose()
         return JSONResponse(shape.whole(msgs))
+
+    async def _unless_gone(self, request: Request, step: Awaitable[T]) -> T:
+        """`step`, unless the client disconnects first (then _ClientGone, `step` cancelled).
+        Behind Serve's proxy a disconnect cancels the handler itself; uvicorn does not cancel
+        a handler that is not streaming yet, so there the connection is watched."""
+        if not self.watch_disconnect:
+            return await step
+        task = asyncio.ensure_future(step)
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if task.cancelled():
+            raise _ClientGone
+        return task.result()
 
     async def _events(
         self, first: pb.GenerateResponse, stream: AsyncGenerator[Any], shape: _Shape
@@ -178,6 +211,21 @@ class OpenAIFrontend:
             if len(self._texts) < 1 << 16:
                 self._texts[token_id] = text
         return text
+
+
+class _ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has disconnected (the body is read: the next ASGI message is
+    `http.disconnect`)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _rest(first: pb.GenerateResponse, stream: AsyncIterator[Any]) -> list[Any]:
+    return [first, *[msg async for msg in stream]]
 
 
 class _Shape:

@@ -258,3 +258,23 @@ def test_a_closed_stream_stops_its_request_and_frees_kv(client, server):
         decoded = _decoded(g.cluster_status()) - before
         assert decoded < 200, f"the decode rank went on to {decoded} of 400 tokens after close"
         assert g.cluster_status().router_requests == 0
+
+
+def test_a_client_that_gives_up_before_the_answer_stops_its_request(server):
+    """Not streaming: the client's timeout closes the connection while the answer is pending."""
+    with InferenceClient(server["grpc"], token=TOKEN, timeout_s=WAIT_S) as g:
+        _wait_idle(g, "before the test")
+        before = _decoded(g.cluster_status())
+        with (
+            openai.OpenAI(
+                base_url=server["http"] + "/v1", api_key=TOKEN, timeout=1.5, max_retries=0
+            ) as impatient,
+            pytest.raises(openai.APITimeoutError),
+        ):
+            impatient.completions.create(
+                model="tiny-qwen", prompt=PROMPT, temperature=0, max_tokens=450,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+        _wait_idle(g, "after the client gave up")
+        decoded = _decoded(g.cluster_status()) - before
+        assert decoded < 400, f"the decode rank went on to {decoded} of 450 tokens"
