@@ -248,6 +248,7 @@ class RouterServer:
             served_name=cfg.model.name,
             created=int(time.time()),
             watch_disconnect=direct,
+            max_body_bytes=r.max_message_bytes,
         )
         self.http: HttpFrontDoor | None = None
         if direct:

@@ -71,6 +71,7 @@ class OpenAIFrontend:
         served_name: str,
         created: int,
         watch_disconnect: bool = False,
+        max_body_bytes: int = 17 << 20,
     ) -> None:
         self.servicer = servicer
         self.relay = relay
@@ -78,6 +79,7 @@ class OpenAIFrontend:
         self.served_name = served_name
         self.created = created
         self._texts: dict[int, str] = {}  # token id -> its text, for logprobs
+        self.max_body_bytes = max_body_bytes  # as large as a gRPC message may be
 
     # --- endpoints -----------------------------------------------------------------------
     async def models(self, request: Request) -> Response:
@@ -98,7 +100,7 @@ class OpenAIFrontend:
     async def completions(self, request: Request) -> Response:
         try:
             self._authenticate(request)
-            req = convert.parse_body(await request.body(), CompletionRequest)
+            req = convert.parse_body(await self._body(request), CompletionRequest)
             rid = f"cmpl-{uuid.uuid4().hex}"
             prepared = convert.completion_request(req, self.served_name, rid)
         except OpenAIError as e:
@@ -108,7 +110,7 @@ class OpenAIFrontend:
     async def chat_completions(self, request: Request) -> Response:
         try:
             self._authenticate(request)
-            req = convert.parse_body(await request.body(), ChatCompletionRequest)
+            req = convert.parse_body(await self._body(request), ChatCompletionRequest)
             messages = convert.chat_messages(req.messages)
             limit = self.servicer.settings.max_prompt_bytes
             if (size := convert.message_bytes(messages)) > limit:
@@ -133,6 +135,26 @@ class OpenAIFrontend:
         return await self._run(prepared, request, chat=True)
 
     # --- one request ---------------------------------------------------------------------
+    async def _body(self, request: Request) -> bytes:
+        """The body, refused (413) past the gRPC message limit before it is all in memory."""
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        chunks, size = [], int(declared) if declared.isdigit() else 0
+        if size <= limit:
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    break
+                chunks.append(chunk)
+        if size > limit:
+            raise OpenAIError(
+                413,
+                f"the request body is over {limit} bytes (the gRPC message limit, set by "
+                "router.max_prompt_bytes); send a shorter prompt",
+            )
+        return b"".join(chunks)
+
     def _authenticate(self, request: Request) -> None:
         try:
             self.servicer.authenticate(_Headers(request))

@@ -9,6 +9,7 @@ stopped and the KV back to 0 (GetClusterStatus). Every wait is bounded."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -30,6 +31,7 @@ TOKEN = "openai-test-secret"
 PROMPT = "Once upon a time ü"  # a multi-byte character in the prompt; outputs have some too
 NEW = 24
 WAIT_S = 60.0
+MAX_INFLIGHT = 4  # router.max_queued_requests: past it, 429
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,6 +62,7 @@ def server(request, model, tmp_path_factory):
                     "http_port": http_port,
                     "http_server": request.param,
                     "auth_tokens": [TOKEN],
+                    "max_queued_requests": MAX_INFLIGHT,
                 },
             }
         )
@@ -131,7 +134,7 @@ def test_completions_equal_grpc_and_offline(client, server, offline):
     assert all(c.usage is None for c in texts) and len({c.id for c in chunks}) == 1
 
 
-def test_chat_equals_offline_of_the_rendered_conversation(client, model, offline):
+def test_chat_equals_offline_and_grpc_of_the_rendered_conversation(client, server, model, offline):
     messages = [
         {"role": "system", "content": "You tell stories."},
         {"role": "user", "content": "A story about ü, please"},
@@ -145,6 +148,11 @@ def test_chat_equals_offline_of_the_rendered_conversation(client, model, offline
     (choice,) = got.choices
     assert choice.message.role == "assistant" and choice.message.content == want
     assert got.usage.prompt_tokens == len(ids) and choice.finish_reason == "length"
+    with InferenceClient(server["grpc"], token=TOKEN, timeout_s=WAIT_S) as g:
+        grpc_out = g.complete(
+            prompt_token_ids=ids, max_tokens=NEW, temperature=0.0, ignore_eos=True
+        )
+    assert grpc_out.text == want
 
     stream = client.chat.completions.create(
         model="tiny-qwen", messages=messages, stream=True, **GREEDY
@@ -278,3 +286,32 @@ def test_a_client_that_gives_up_before_the_answer_stops_its_request(server):
         _wait_idle(g, "after the client gave up")
         decoded = _decoded(g.cluster_status()) - before
         assert decoded < 400, f"the decode rank went on to {decoded} of 450 tokens"
+
+
+def test_past_the_admission_limit_requests_get_429(server):
+    """3x router.max_queued_requests at once: the excess is 429 in OpenAI's shape, the rest
+    finish with every token."""
+    body = {"prompt": "hi", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=4 * MAX_INFLIGHT)
+        async with httpx.AsyncClient(base_url=server["http"], timeout=WAIT_S, limits=limits) as c:
+            calls = [
+                c.post("/v1/completions", json=body, headers=headers)
+                for _ in range(3 * MAX_INFLIGHT)
+            ]
+            return await asyncio.gather(*calls)
+
+    answers = asyncio.run(burst())
+    codes = sorted(r.status_code for r in answers)
+    assert set(codes) == {200, 429}, codes
+    assert codes.count(200) >= MAX_INFLIGHT // 2, codes
+    for r in answers:
+        if r.status_code == 429:
+            err = r.json()["error"]
+            assert (
+                err["type"] == "rate_limit_error" and "router.max_queued_requests" in err["message"]
+            )
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 48

@@ -188,3 +188,38 @@ def test_logprobs_shapes():
     content = convert.chat_logprobs(entries, text, top=2)["content"]
     assert content[1]["token"] == "é" and content[1]["bytes"] == [0xC3, 0xA9]
     assert [t["token"] for t in content[0]["top_logprobs"]] == ["ab", "é"]
+
+
+def _request(body: bytes, declared: int | None = None):
+    from starlette.requests import Request
+
+    length = str(len(body) if declared is None else declared).encode()
+    pieces = [body[i : i + 1000] for i in range(0, len(body), 1000)] or [b""]
+    read: list[int] = []
+
+    async def receive():
+        read.append(1)
+        chunk = pieces.pop(0)
+        return {"type": "http.request", "body": chunk, "more_body": bool(pieces)}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/",
+        "headers": [(b"content-length", length)],
+    }
+    return Request(scope, receive), read
+
+
+def test_a_body_past_the_message_limit_is_413_before_it_is_read():
+    import asyncio
+
+    from router.openai_api import OpenAIFrontend
+
+    api = OpenAIFrontend(None, None, served_name=NAME, created=0, max_body_bytes=2500)
+    req, _ = _request(b"x" * 2000)
+    assert asyncio.run(api._body(req)) == b"x" * 2000
+    req, read = _request(b"x" * 5000)  # declared too large: refused unread
+    assert bad(asyncio.run, api._body(req)).status == 413 and not read
+    req, read = _request(b"x" * 5000, declared=100)  # a body longer than declared
+    assert bad(asyncio.run, api._body(req)).status == 413 and len(read) == 3  # stops reading
