@@ -27,6 +27,7 @@ import grpc
 
 from router.channels import RankDirectory
 from router.lifecycle import RequestFailed, RequestState, run_request
+from router.metrics import ITL_SAMPLE
 from router.proto import inference_pb2 as pb
 from router.requests import StopLimits, check_sizes, parse_generate, utf8_size
 from router.streaming import messages
@@ -38,6 +39,7 @@ __all__ = ["InferenceServicer", "ModelDescription", "RequestFailed", "RouterSett
 
 log = logging.getLogger("moe_cluster.router")
 STAGES = ("prefill", "decode")
+TOKENS_BATCH = 32  # streamed tokens added to the token counter at once (and at the end)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,13 +237,21 @@ class InferenceServicer:
 
 
 class _Clock:
-    """Per-request latency bookkeeping for the router metrics (no-op without metrics)."""
+    """Per-request latency bookkeeping for the router metrics (no-op without metrics).
+
+    A Ray metric record costs ~50 µs of router CPU (tags merged and validated in Python, then
+    the core worker), which per streamed token was a quarter of the Router's CPU at 32 streams
+    (py-spy). So the token counter is added to in batches of TOKENS_BATCH (and at the end), and
+    the inter-token histogram gets one of every ITL_SAMPLE gaps of a request (the first, then
+    every ITL_SAMPLE-th): its quantiles stay those of all gaps, its count is ~1/ITL_SAMPLE."""
 
     def __init__(self, metrics: Any) -> None:
         self.m = metrics
         self.start = self.last = time.perf_counter()
         self.first = True
         self.reason = "error"
+        self.gaps = 0  # inter-token gaps seen (sampled into the histogram)
+        self.unrecorded = 0  # tokens not yet added to the counter
 
     def tokens(self, chunk: Delta) -> None:
         if self.m is None:
@@ -251,15 +261,21 @@ class _Clock:
             self.m.ttft.observe(now - self.start)
             self.first = False
         elif n:
-            self.m.itl.observe((now - self.last) / n)
+            if self.gaps % ITL_SAMPLE == 0:
+                self.m.itl.observe((now - self.last) / n)
+            self.gaps += 1
         self.last = now
-        if n:
-            self.m.tokens.inc(n)
+        self.unrecorded += n
+        if self.unrecorded >= TOKENS_BATCH:
+            self.m.tokens.inc(self.unrecorded)
+            self.unrecorded = 0
         if chunk.finish_reason not in (None, "handoff"):
             self.reason = chunk.finish_reason
 
     def finish(self, done: bool) -> None:
         if self.m is not None:
+            if self.unrecorded:
+                self.m.tokens.inc(self.unrecorded)
             reason = self.reason if done else "cancelled_or_failed"
             self.m.requests.inc(1, {"finish_reason": reason})
 

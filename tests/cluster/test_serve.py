@@ -462,7 +462,7 @@ def test_metrics_on_rays_prometheus_endpoint(client):
         client.complete(prompt_token_ids=list(range(60, 81)), max_tokens=1)
     want = {
         "ray_moe_ttft_seconds_count": lambda ls: sum(v for _, v in ls) >= 1,
-        "ray_moe_itl_seconds_count": lambda ls: sum(v for _, v in ls) >= 5,
+        "ray_moe_itl_seconds_count": lambda ls: sum(v for _, v in ls) >= 1,  # sampled
         "ray_moe_generated_tokens_total": lambda ls: sum(v for _, v in ls) >= 6,
         "ray_moe_requests_total": lambda ls: any('finish_reason="length"' in lb for lb, _ in ls),
         "ray_moe_queued_prompt_tokens": lambda ls: any('stage="prefill"' in lb for lb, _ in ls),
