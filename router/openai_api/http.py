@@ -2,14 +2,15 @@
 `POST /v1/chat/completions` (streaming as server-sent events ending with `data: [DONE]`).
 
 Serve's HTTP proxy (port `router.http_port`) hands each request to the Router replica's FastAPI
-app on Serve's event loop; the request then runs exactly as a gRPC `Generate` call does, through
-the same `InferenceServicer` on the gRPC server's loop (`GrpcFrontDoor.relay`): same auth
-(`Authorization: Bearer`), size checks, admission, validation, balancing, handoff, migration,
-cancellation and metrics. A client that closes the connection cancels the handler, which aborts
-the request on its rank and frees its KV.
+app on Serve's event loop (or the Router serves the port itself, `direct.py`); the request then
+runs exactly as a gRPC `Generate` call does, through the same `InferenceServicer` on the gRPC
+server's loop (`GrpcFrontDoor.relay`): same auth (`Authorization: Bearer`), size checks,
+admission, validation, balancing, handoff, migration, cancellation and metrics. A client that
+closes the connection stops the request on its rank and frees its KV (Serve cancels the handler;
+the Router's own server is watched for the disconnect, `watch_disconnect`).
 
 Errors are OpenAI's JSON (`{"error": {"message", "type", "param", "code"}}`) with the HTTP status
-of the gRPC one (400 naming the parameter, 401, 404 for an unknown model, 429, 503, 504). An error
+of the gRPC one (400 naming the parameter, 401, 404 for an unknown model, 413, 429, 503, 504). An error
 after the stream started (the request lost its rank too often) is one `data: {"error": ...}`
 event, then `data: [DONE]`.
 """
