@@ -10,9 +10,9 @@ closes the connection stops the request on its rank and frees its KV (Serve canc
 the Router's own server is watched for the disconnect, `watch_disconnect`).
 
 Errors are OpenAI's JSON (`{"error": {"message", "type", "param", "code"}}`) with the HTTP status
-of the gRPC one (400 naming the parameter, 401, 404 for an unknown model, 413, 429, 503, 504). An error
-after the stream started (the request lost its rank too often) is one `data: {"error": ...}`
-event, then `data: [DONE]`.
+of the gRPC one (400 naming the parameter, 401, 404 for an unknown model, 413, 429, 503, 504).
+An error after the stream started (the request lost its rank too often) is one
+`data: {"error": ...}` event, then `data: [DONE]`.
 """
 
 from __future__ import annotations
