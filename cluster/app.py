@@ -32,7 +32,8 @@ from cluster.registry import REPORT_PERIOD_S, gang_init_method, registry
 from router.channels import RankDirectory
 from router.metrics import RouterMetrics
 from router.openai_api import OpenAIFrontend, openai_ingress
-from router.openai_api.direct import HttpFrontDoor, direct_app
+from router.openai_api.direct import HttpFrontDoor
+from router.openai_api.http import openai_app
 from router.requests import StopLimits
 from router.server import GrpcFrontDoor
 from router.servicer import InferenceServicer, ModelDescription, RouterSettings
@@ -241,19 +242,19 @@ class RouterServer:
         # loop (relayed: one task there owns the request's stream): behind Serve's proxy
         # (build_app makes this class Serve's HTTP ingress) from Serve's loop; served by this
         # replica itself (http_server: router) from the same loop.
-        direct = r.http_port is not None and r.http_server == "router"
         self.openai = OpenAIFrontend(
             self.servicer,
             self.front_door.relay,
             served_name=cfg.model.name,
             created=int(time.time()),
-            watch_disconnect=direct,
+            watch_disconnect=r.http_direct,
             max_body_bytes=r.max_message_bytes,
         )
         self.http: HttpFrontDoor | None = None
-        if direct:
+        if r.http_direct:
             assert r.http_port is not None
-            door = HttpFrontDoor(direct_app(self.openai), host="0.0.0.0", port=r.http_port)
+            http_app = openai_app(lambda: self.openai)
+            door = HttpFrontDoor(http_app, host="0.0.0.0", port=r.http_port)
             self.http = self.front_door.run(door.start(), timeout_s=60)
 
     def check_health(self) -> None:
@@ -311,11 +312,6 @@ def _stage_options(cfg: ClusterConfig, stage: str) -> dict[str, Any]:
     return options
 
 
-def _serve_ingress(cfg: ClusterConfig) -> bool:
-    """Does Serve's HTTP proxy carry the OpenAI API to the Router (router.http_server: serve)?"""
-    return cfg.router.http_port is not None and cfg.router.http_server == "serve"
-
-
 def build_app(args: dict[str, Any] | ClusterConfig) -> serve.Application:
     """The application for `serve.run` / `serve run cluster.app:build_app` / serveConfigV2."""
     cfg = ClusterConfig.from_args(args)
@@ -333,5 +329,5 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> serve.Application:
         health_check_period_s=2.0,
         graceful_shutdown_wait_loop_s=0.1,
         graceful_shutdown_timeout_s=cfg.router.drain_grace_s + GRACEFUL_MARGIN_S,
-    )(openai_ingress(RouterServer) if _serve_ingress(cfg) else RouterServer)
+    )(openai_ingress(RouterServer) if cfg.router.http_via_serve else RouterServer)
     return router.bind(prefill.bind(plain), decode.bind(plain), plain)

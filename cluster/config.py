@@ -268,6 +268,16 @@ class RouterConfig(_Schema):
     )
 
     @property
+    def http_via_serve(self) -> bool:
+        """Serve's HTTP proxy carries the OpenAI API to the Router (the Router is the ingress)."""
+        return self.http_port is not None and self.http_server == "serve"
+
+    @property
+    def http_direct(self) -> bool:
+        """The Router replicas serve the OpenAI API on router.http_port themselves."""
+        return self.http_port is not None and self.http_server == "router"
+
+    @property
     def max_message_bytes(self) -> int:
         """Bytes one gRPC message may have: far above max_prompt_bytes (a big prompt gets the
         router's INVALID_ARGUMENT naming `prompt`), far below gRPC's 2 GiB."""

@@ -35,11 +35,10 @@ def deploy(
     Router serves it itself, `router.http_server: router`; no gRPC proxy: the Router serves
     `router.port` itself), deploy the application and return once it
     serves requests. Serve keeps the proxy options of its first start."""
-    port = cfg.router.http_port
-    if port is None or cfg.router.http_server == "router":  # the Router serves it (or nothing)
+    if cfg.router.http_via_serve:
+        serve.start(http_options={"host": http_host, "port": cfg.router.http_port})
+    else:  # the Router serves the HTTP port itself, or there is none
         serve.start(proxy_location="Disabled")
-    else:
-        serve.start(http_options={"host": http_host, "port": port})
     serve.run_many(
         [serve.RunTarget(build_app(cfg), name=APP_NAME, route_prefix="/")],
         wait_for_applications_running=False,

@@ -10,9 +10,8 @@ Responses are built from the `GenerateResponse` messages the servicer streams.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -27,6 +26,7 @@ from router.openai_api.schema import (
 from router.proto import inference_pb2 as pb
 
 __all__ = [
+    "ERROR_TYPE",
     "HTTP_STATUS",
     "OpenAIError",
     "Prepared",
@@ -44,19 +44,29 @@ INT32_MAX = (1 << 31) - 1
 INT64 = (-(1 << 63), (1 << 63) - 1)
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
 
-# gRPC status of a RequestFailed -> (HTTP status, OpenAI error type)
-HTTP_STATUS: dict[str, tuple[int, str]] = {
-    "INVALID_ARGUMENT": (400, "invalid_request_error"),
-    "FAILED_PRECONDITION": (400, "invalid_request_error"),
-    "OUT_OF_RANGE": (400, "invalid_request_error"),
-    "UNAUTHENTICATED": (401, "authentication_error"),
-    "PERMISSION_DENIED": (403, "permission_error"),
-    "NOT_FOUND": (404, "not_found_error"),
-    "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
-    "CANCELLED": (499, "cancelled"),
-    "INTERNAL": (500, "internal_error"),
-    "UNAVAILABLE": (503, "service_unavailable"),
-    "DEADLINE_EXCEEDED": (504, "timeout"),
+# gRPC status of a RequestFailed -> HTTP status
+HTTP_STATUS: dict[str, int] = {
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "OUT_OF_RANGE": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "CANCELLED": 499,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
+# HTTP status -> OpenAI error `type` (others: invalid_request_error below 500, internal_error)
+ERROR_TYPE = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    499: "cancelled",
+    503: "service_unavailable",
+    504: "timeout",
 }
 
 
@@ -73,10 +83,8 @@ class OpenAIError(Exception):
 
     @property
     def type(self) -> str:
-        for status, kind in HTTP_STATUS.values():
-            if status == self.status:
-                return kind
-        return "invalid_request_error" if self.status < 500 else "internal_error"
+        default = "invalid_request_error" if self.status < 500 else "internal_error"
+        return ERROR_TYPE.get(self.status, default)
 
     def body(self) -> dict[str, Any]:
         err = {"message": str(self), "type": self.type, "param": self.param, "code": self.code}
@@ -95,7 +103,7 @@ class Prepared:
     stream: bool
     include_usage: bool  # stream_options.include_usage
     top_logprobs: int | None  # alternatives per token in the answer; None: no logprobs
-    renames: dict[str, str] = field(default_factory=dict)  # gRPC field -> OpenAI parameter
+    renames: dict[str, str]  # gRPC field -> the OpenAI parameter the client sent
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -179,6 +187,10 @@ def _sampling(
     return s
 
 
+def _include_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
 def _renames(prompt: str, max_tokens: str, logprobs: str) -> dict[str, str]:
     return {
         "prompt": prompt,
@@ -207,14 +219,8 @@ def completion_request(req: CompletionRequest, served_name: str, request_id: str
         g.prompt_token_ids.extend(
             _int_in(f"prompt[{i}]", t, 0, INT32_MAX) for i, t in enumerate(prompt)
         )
-    stream = req.stream
-    return Prepared(
-        g,
-        stream,
-        bool(req.stream_options and req.stream_options.include_usage),
-        req.logprobs,
-        _renames("prompt", "max_tokens", "logprobs"),
-    )
+    renames = _renames("prompt", "max_tokens", "logprobs")
+    return Prepared(g, req.stream, _include_usage(req), req.logprobs, renames)
 
 
 def chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
@@ -276,13 +282,13 @@ def chat_request(
         prompt_token_ids=prompt_ids,
         sampling=_sampling(req, max_tokens, name, top, "top_logprobs"),
     )
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return Prepared(g, req.stream, include_usage, top, _renames("messages", name, "top_logprobs"))
+    renames = _renames("messages", name, "top_logprobs")
+    return Prepared(g, req.stream, _include_usage(req), top, renames)
 
 
 def failure(e: RequestFailed, renames: dict[str, str]) -> OpenAIError:
     """The servicer's failure as an OpenAI error: same status meaning, the parameter renamed."""
-    status = HTTP_STATUS.get(e.status, (500, "internal_error"))[0]
+    status = HTTP_STATUS.get(e.status, 500)
     message, param = str(e), None
     if e.field is not None:
         base = e.field.split("[", 1)[0]
@@ -340,7 +346,3 @@ def chat_logprobs(
         for e in entries
     ]
     return {"content": content}
-
-
-def now() -> int:
-    return int(time.time())

@@ -13,38 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import math
 import socket
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi import FastAPI
 
-from router.openai_api.http import OpenAIFrontend
-
-__all__ = ["HttpFrontDoor", "direct_app"]
-
-log = logging.getLogger("moe_cluster.router")
-
-
-def direct_app(frontend: OpenAIFrontend) -> FastAPI:
-    """The three routes over `frontend` (no Serve replica lookup: the app lives in the replica)."""
-    app = FastAPI(title="moe-cluster OpenAI-compatible API", docs_url=None, redoc_url=None)
-
-    async def list_models(request: Request) -> Response:
-        return await frontend.models(request)
-
-    async def completions(request: Request) -> Response:
-        return await frontend.completions(request)
-
-    async def chat_completions(request: Request) -> Response:
-        return await frontend.chat_completions(request)
-
-    app.add_api_route("/v1/models", list_models, methods=["GET"])
-    app.add_api_route("/v1/completions", completions, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
-    return app
+__all__ = ["HttpFrontDoor"]
 
 
 def _listen(host: str, port: int) -> socket.socket:

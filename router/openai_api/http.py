@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -34,9 +34,8 @@ from router.openai_api.convert import OpenAIError, Prepared
 from router.openai_api.schema import ChatCompletionRequest, CompletionRequest
 from router.proto import inference_pb2 as pb
 
-__all__ = ["OpenAIFrontend", "openai_ingress"]
+__all__ = ["OpenAIFrontend", "openai_app", "openai_ingress"]
 
-log = logging.getLogger("moe_cluster.router")
 T = TypeVar("T")
 Relay = Callable[[Callable[[], AsyncIterator[Any]]], AsyncGenerator[Any]]
 
@@ -139,21 +138,20 @@ class OpenAIFrontend:
     async def _body(self, request: Request) -> bytes:
         """The body, refused (413) past the gRPC message limit before it is all in memory."""
         limit = self.max_body_bytes
+        too_large = OpenAIError(
+            413,
+            f"the request body is over {limit} bytes (the gRPC message limit, set by "
+            "router.max_prompt_bytes); send a shorter prompt",
+        )
         declared = request.headers.get("content-length", "")
-        chunks, size = [], int(declared) if declared.isdigit() else 0
-        if size <= limit:
-            size = 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    break
-                chunks.append(chunk)
-        if size > limit:
-            raise OpenAIError(
-                413,
-                f"the request body is over {limit} bytes (the gRPC message limit, set by "
-                "router.max_prompt_bytes); send a shorter prompt",
-            )
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
         return b"".join(chunks)
 
     def _authenticate(self, request: Request) -> None:
@@ -259,7 +257,7 @@ class _Shape:
         self.head = {
             "id": p.request.request_id,
             "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": convert.now(),
+            "created": int(time.time()),
             "model": api.served_name,
         }
         self.offset = 0  # characters streamed so far (completions' text_offset)
@@ -311,7 +309,28 @@ class _Shape:
         return {**self.head, "object": kind, "choices": [choice], "usage": self.usage}
 
 
-def _frontend() -> OpenAIFrontend:
+def openai_app(frontend: Callable[[], OpenAIFrontend]) -> FastAPI:
+    """The three routes, each calling `frontend()` (the replica's OpenAIFrontend). Plain
+    closures, not methods: Serve ships the app to the replica by value, and a class-based
+    view's rewritten `self` would not survive the trip."""
+    app = FastAPI(title="moe-cluster OpenAI-compatible API", docs_url=None, redoc_url=None)
+
+    async def list_models(request: Request) -> Response:
+        return await frontend().models(request)
+
+    async def completions(request: Request) -> Response:
+        return await frontend().completions(request)
+
+    async def chat_completions(request: Request) -> Response:
+        return await frontend().chat_completions(request)
+
+    app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    return app
+
+
+def _replica_frontend() -> OpenAIFrontend:
     """The OpenAIFrontend of the Router replica serving this request."""
     from ray import serve
 
@@ -319,33 +338,9 @@ def _frontend() -> OpenAIFrontend:
     return replica.openai
 
 
-# Plain functions, not methods: Serve ships the FastAPI app to the replica by value and its
-# endpoints by reference, so a class-based view's rewritten `self` would not survive the trip.
-async def list_models(request: Request) -> Response:
-    return await _frontend().models(request)
-
-
-async def completions(request: Request) -> Response:
-    return await _frontend().completions(request)
-
-
-async def chat_completions(request: Request) -> Response:
-    return await _frontend().chat_completions(request)
-
-
-ROUTES = (
-    ("GET", "/v1/models", list_models),
-    ("POST", "/v1/completions", completions),
-    ("POST", "/v1/chat/completions", chat_completions),
-)
-
-
 def openai_ingress(cls: type) -> type:
     """`cls` (the Router replica class; it sets `self.openai`, an OpenAIFrontend) as Serve's
     HTTP ingress of the application, with the OpenAI routes."""
     from ray import serve
 
-    app = FastAPI(title="moe-cluster OpenAI-compatible API", docs_url=None, redoc_url=None)
-    for method, path, endpoint in ROUTES:
-        app.add_api_route(path, endpoint, methods=[method])
-    return serve.ingress(app)(cls)
+    return serve.ingress(openai_app(_replica_frontend))(cls)
