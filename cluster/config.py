@@ -30,6 +30,7 @@ OVERRIDES = {
     "port": "router.port",
     "http_port": "router.http_port",
     "prefix_caching": "prefix_caching",
+    "core_turns": "core_turns",
 }
 _SECRET_FIELDS = {"auth_tokens"}  # never echoed back in an error
 _BOUNDS = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than_equal": "<= {le}"}
@@ -304,6 +305,20 @@ class ClusterConfig(_Schema):
         "later prompts with the same prefix (and the router prefers prefill ranks that hold a "
         "prompt's prefix); false: every prompt is computed in full",
     )
+    core_turns: bool | None = Field(
+        default=None,
+        description="the gangs on one node take turns at its cores, one engine step at a time, "
+        "instead of stepping at once and oversubscribing them (for CPU nodes where prefill and "
+        "decode ranks share the cores); null: on for CPU ranks (num_gpus_per_rank 0), off for "
+        "GPU ranks, which own their devices",
+    )
+
+    def takes_core_turns(self, stage: str) -> bool:
+        """Whether the ranks of `stage` step under their node's turn (`core_turns`)."""
+        if self.core_turns is not None:
+            return self.core_turns
+        stage_cfg: _Stage = getattr(self, stage)
+        return stage_cfg.num_gpus_per_rank == 0
 
     @classmethod
     def from_args(

@@ -39,6 +39,16 @@ def test_defaults_are_the_embedded_cpu_shape():
     assert cfg.prefix_caching and cfg.router.prefill_policy == "cache_aware"
 
 
+def test_core_turns_default_to_cpu_ranks_only():
+    cpu = ClusterConfig.from_args({"model": MODEL})
+    gpu = ClusterConfig.from_args({"model": MODEL, "decode": {"num_gpus_per_rank": 1}})
+    assert cpu.takes_core_turns("prefill") and cpu.takes_core_turns("decode")
+    assert gpu.takes_core_turns("prefill") and not gpu.takes_core_turns("decode")
+    off = cpu.with_overrides(core_turns=False)
+    assert not off.takes_core_turns("prefill") and not off.takes_core_turns("decode")
+    assert gpu.with_overrides(core_turns=True).takes_core_turns("decode")
+
+
 def test_prefix_caching_off_reaches_every_rank_engine():
     from cluster.app import engine_config
 

@@ -13,6 +13,7 @@ every rank of the group has asked to leave.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -37,7 +38,11 @@ class Lockstep:
 
     `after_step(num_steps)`, when set, runs after every group step on every rank, with the same
     count everywhere: a step boundary where a collective outside the forward (an expert
-    rebalance) is safe. Every rank must set the same hook, or none."""
+    rebalance) is safe. Every rank must set the same hook, or none.
+
+    `turn`, when set, is held around each step that has work (a `CoreTurn`: the gangs sharing a
+    node's cores take turns); one rank of the group holding it holds the others at the step's
+    first collective."""
 
     def __init__(
         self, engine: Engine, group=None, after_step: Callable[[int], object] | None = None
@@ -45,6 +50,7 @@ class Lockstep:
         self.engine = engine
         self.group = group
         self.after_step = after_step
+        self.turn: contextlib.AbstractContextManager = contextlib.nullcontext()
         self.num_steps = 0  # group steps run, identical on every rank
         self.stop_requested = False  # set by this rank (any thread) to stop the whole group
         self.leave_requested = False  # this rank wants to leave; the group stops once all do
@@ -67,7 +73,8 @@ class Lockstep:
             self.stopped = True
         if stop or not work:
             return None
-        outputs = self.engine.step(participate=True)
+        with self.turn:
+            outputs = self.engine.step(participate=True)
         self.num_steps += 1
         if self.after_step is not None:
             self.after_step(self.num_steps)

@@ -11,6 +11,7 @@ from workers.engine.build import build_engine
 from workers.ep_rank import ExpertParallelRank
 from workers.messages import RankAddress
 from workers.rank.channel import ChannelServer, listen_socket
+from workers.rank.core_turn import CoreTurn
 from workers.rank.rank import GangMember, Rank
 from workers.rank.transport import KVStore, PeerKVTransport
 
@@ -45,13 +46,20 @@ def start_rank(
     collective_timeout_s: float = 30.0,
     kv_ttl_s: float = 120.0,
     engine: Engine | None = None,
+    core_turn: str | None = None,
 ) -> ServingRank:
     """A gang member (`init_method` given: joins the torch.distributed group, loads only its
-    experts, steps in lockstep) or a lone rank over `engine` / a full `build_engine`."""
+    experts, steps in lockstep) or a lone rank over `engine` / a full `build_engine`.
+    `core_turn`: the name of the turn at the node's cores its gang steps under (`CoreTurn`)."""
     sock = listen_socket(host)
     port = sock.getsockname()[1]
     transport = PeerKVTransport(KVStore(kv_ttl_s), host, port, member.replica_id)
     store = transport.store
+    # the gang's rank 0 takes the node's turn; its peers wait for it at the first collective,
+    # so it never waits for the turn near their collective timeout (a frozen holder)
+    turn = None
+    if core_turn is not None and member.rank == 0:
+        turn = CoreTurn(core_turn, wait_s=collective_timeout_s / 4)
     if init_method is not None:
         assert model_dir is not None
         ep = ExpertParallelRank(
@@ -75,6 +83,7 @@ def start_rank(
             expert_load=lambda: ep.expert_load().tolist(),
             dispatch_bytes=ep.dispatch_bytes,
             close_group=ep.close,
+            turn=turn,
         )
     else:
         if engine is None:
@@ -82,7 +91,9 @@ def start_rank(
             engine = build_engine(
                 model_dir, dtype=dtype, config=engine_config, device=device, progress=False
             )
-        rank = Rank(engine, member, put_kv=transport.put, end_session_kv=store.release_session)
+        rank = Rank(
+            engine, member, put_kv=transport.put, end_session_kv=store.release_session, turn=turn
+        )
     channel = ChannelServer(rank, transport, sock).start()
     rank.start()
     address = RankAddress(

@@ -17,6 +17,7 @@ queued is published as `MIGRATE`, so its router runs it elsewhere from the token
 from __future__ import annotations
 
 import collections
+import contextlib
 import queue
 import threading
 import time
@@ -41,6 +42,7 @@ from workers.messages import (
     RankStatus,
     Submit,
 )
+from workers.rank.core_turn import CoreTurn
 from workers.rank.trace import StepTrace
 
 __all__ = ["GangMember", "Publish", "Rank", "RankSnapshot", "STATUS_PERIOD_S"]
@@ -122,11 +124,16 @@ class Rank:
         dispatch_bytes: Callable[[], tuple[int, int]] = lambda: (0, 0),
         close_group: Callable[[], None] = lambda: None,
         backoff: IdleBackoff | None = None,
+        turn: CoreTurn | None = None,
     ) -> None:
         self.engine = engine
         self.member = member
         self.publish: Publish = lambda by_session, load, admitted: None  # set by the channel
         self._lockstep = lockstep
+        self._core_turn = turn
+        self._turn = turn or contextlib.nullcontext()  # held around each step with work
+        if lockstep is not None and turn is not None:
+            lockstep.turn = turn
         self._put_kv = put_kv
         self._end_session_kv = end_session_kv or (lambda session: None)
         self._expert_load = expert_load
@@ -189,6 +196,8 @@ class Rank:
             if self._thread.is_alive():
                 raise TimeoutError(f"rank loop did not stop within {timeout_s} s")
         self._close_group()
+        if self._core_turn is not None:
+            self._core_turn.close()
 
     def join(self, timeout_s: float) -> bool:
         """Wait for the loop to end (e.g. a peer stopped the gang); True if it has."""
@@ -235,8 +244,11 @@ class Rank:
                     return
             elif self._stop.is_set() or self._leave.is_set():
                 return
+            elif self.engine.has_unfinished():
+                with self._turn:
+                    outputs = self.engine.step()
             else:
-                outputs = self.engine.step() if self.engine.has_unfinished() else None
+                outputs = None
             if self._trace is not None and outputs is not None:
                 self._trace.record(started, time.time(), self.engine)
             for o in outputs or ():
