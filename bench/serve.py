@@ -289,8 +289,11 @@ def main() -> None:
         "decode": {"gang_size": args.gang_size, "torch_threads": args.rank_threads},
         "router": {"port": port, "http_port": free_port()},
     }
-    for section, values in args.config.items():
-        base.setdefault(section, {}).update(values)
+    for section, values in args.config.items():  # sections merge; top-level fields replace
+        if isinstance(values, dict):
+            base.setdefault(section, {}).update(values)
+        else:
+            base[section] = values
     cfg = ClusterConfig.from_args(base)
     served: dict[tuple[str, int], dict[str, float]] = {}
     cpu: dict[tuple[str, int], dict[str, float]] = {}

@@ -172,11 +172,10 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor cache,
     TORCH_CHECK(lp[s] >= 1 && lp[s] <= lmax, "context length out of range");
   }
   const ItemFn item_fn = pick_isa(attend_avx512, attend_avx2, attend_base);
-  at::parallel_for(0, b * hkv, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> scores(static_cast<size_t>(g * lmax));
-    for (int64_t item = lo; item < hi; ++item) {
-      item_fn(lay, item / hkv, item % hkv, scores.data());
-    }
+  const size_t need = static_cast<size_t>(g * lmax);
+  parallel_items<std::vector<float>>(b * hkv, [&](int64_t item, std::vector<float>& scores) {
+    if (scores.size() < need) scores.resize(need);
+    item_fn(lay, item / hkv, item % hkv, scores.data());
   });
   return out;
 }

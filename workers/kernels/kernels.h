@@ -1,7 +1,11 @@
 // The C++ CPU kernels of workers/kernels, bound to Python in ops.cpp.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
 
 torch::Tensor routed_ffn(torch::Tensor x, torch::Tensor tokens, torch::Tensor weights,
                          torch::Tensor counts, torch::Tensor w13, torch::Tensor w2,
@@ -40,6 +44,21 @@ Isa cpu_isa();  // detected once (ops.cpp); MOE_ISA=base|avx2 caps it (tests, be
   MOE_AVX512 void name##_avx512 params { inner args; } \
   MOE_AVX2 void name##_avx2 params { inner args; } \
   void name##_base params { inner args; }
+
+// Items [0, n) taken one at a time from a shared counter by the intra-op threads, each thread
+// with its own scratch (`Scratch()`, passed to every item it runs). at::parallel_for splits a
+// range statically: a thread descheduled mid-region (another process on the same cores: the
+// router, the other stage) holds back its whole share while its peers wait; here the others take
+// over the rest and only the item in hand is late.
+template <typename Scratch, typename F>
+void parallel_items(int64_t n, const F& item) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Scratch scratch{};
+    for (int64_t k = next++; k < n; k = next++) item(k, scratch);
+  });
+}
 
 template <typename F>
 F pick_isa(F avx512, F avx2, F base) {

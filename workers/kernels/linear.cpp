@@ -43,8 +43,9 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch:
   const Product p{x.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), m, n, k};
   const PanelFn fn = pick_isa(panel_avx512, panel_avx2, panel_base);
   const int64_t panels = (n + PANEL - 1) / PANEL;
-  at::parallel_for(0, panels, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t q = lo; q < hi; ++q) fn(p, q * PANEL, std::min(n, (q + 1) * PANEL));
+  struct None {};
+  parallel_items<None>(panels, [&](int64_t q, None&) {
+    fn(p, q * PANEL, std::min(n, (q + 1) * PANEL));
   });
   if (bias.has_value() && bias->defined()) y.add_(*bias);
   return y;

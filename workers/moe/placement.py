@@ -72,6 +72,11 @@ class Placement:
         """Slots beyond one per logical expert."""
         return self.num_slots - self.num_logical
 
+    @cached_property
+    def is_identity(self) -> bool:
+        """Slot i holds expert i, one copy each: routing ids need no mapping."""
+        return self.slot_to_logical == tuple(range(self.num_logical))
+
     def slots_of_rank(self, rank: int) -> list[int]:
         self._check_rank(rank)
         s = self.slots_per_rank
@@ -171,6 +176,8 @@ def route_to_slots(
     flat = topk_ids.reshape(-1).long()  # [T*K]
     if flat.numel() == 0:
         return flat.view(t, k)
+    if placement.num_redundant == 0:  # one copy each: a lookup (a decode step's ~10 ops less)
+        return tab.logical_to_slots[flat, 0].view(t, k)
     # occurrence index of each pick among picks of its expert: stable sort by expert, then the
     # position in the sorted run. index_add_ instead of bincount: a fixed [E] size, no host sync.
     order = torch.argsort(flat, stable=True)  # [T*K]
