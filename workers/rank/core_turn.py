@@ -99,18 +99,19 @@ class CoreTurn:
             os.close(self._core)
 
     def _try(self) -> bool:
-        """Both locks at once without blocking (nobody holds or waits for the turn)."""
+        """The turn without blocking when nobody holds or waits for it. Past the gate but not
+        the core, the gate stays held for the helper's wait (the same open file: its lock call
+        returns at once), so no holder can slip in between."""
         try:
             fcntl.flock(self._gate, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
         try:
             fcntl.flock(self._core, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
         except BlockingIOError:
             return False
-        finally:
-            fcntl.flock(self._gate, fcntl.LOCK_UN)
+        fcntl.flock(self._gate, fcntl.LOCK_UN)
+        return True
 
     def _wait_loop(self) -> None:
         while (ask := self._asks.get()) is not None:
