@@ -21,7 +21,7 @@ WAIT_S = 30.0
 
 def _wait_for_waiter(tmp_path, name: str) -> None:
     """Until some turn blocks on the cores (a waiter holds the gate meanwhile)."""
-    fd = os.open(tmp_path / f"moe-cluster-{name}.gate", os.O_RDWR)
+    fd = os.open(tmp_path / f"moe-cluster-{os.getuid()}-{name}.gate", os.O_RDWR)
     deadline = time.monotonic() + WAIT_S
     try:
         while True:

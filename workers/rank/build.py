@@ -3,6 +3,7 @@ What a Serve replica (or a test) calls; `ServingRank` is what it gets back."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from workers.rank.rank import GangMember, Rank
 from workers.rank.transport import KVStore, PeerKVTransport
 
 __all__ = ["ServingRank", "start_rank"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,10 @@ def start_rank(
     # so it never waits for the turn near their collective timeout (a frozen holder)
     turn = None
     if core_turn is not None and member.rank == 0:
-        turn = CoreTurn(core_turn, wait_s=collective_timeout_s / 4)
+        try:
+            turn = CoreTurn(core_turn, wait_s=collective_timeout_s / 4)
+        except OSError as e:  # no writable /dev/shm or /tmp: step as without turns
+            log.warning("core turns off for this rank: %r", e)
     if init_method is not None:
         assert model_dir is not None
         ep = ExpertParallelRank(

@@ -48,10 +48,10 @@ class CoreTurn:
     step got the turn (False only while a frozen process holds it)."""
 
     def __init__(self, name: str, directory: Path = _DIR, wait_s: float = 2.5) -> None:
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)  # per user: the files are 0600
+        stem = directory / f"moe-cluster-{os.getuid()}-{safe}"
         self._gate, self._core = (
-            os.open(directory / f"moe-cluster-{safe}.{part}", os.O_RDWR | os.O_CREAT, 0o600)
-            for part in ("gate", "core")
+            os.open(f"{stem}.{part}", os.O_RDWR | os.O_CREAT, 0o600) for part in ("gate", "core")
         )
         self.wait_s = wait_s
         self.held = False
