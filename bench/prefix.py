@@ -97,9 +97,7 @@ def served(
                 after = prefill_counters(client)
     stats["prefill"] = sum(c for _, c in after.values()) - sum(c for _, c in before.values())
     mean = sum(len(p) for p in prompts) / len(prompts)
-    stats["requests_per_rank"] = sorted(
-        round((after[k][0] - before[k][0]) / mean) for k in after
-    )
+    stats["requests_per_rank"] = sorted(round((after[k][0] - before[k][0]) / mean) for k in after)
     return stats
 
 
