@@ -278,9 +278,12 @@ def main() -> None:
     path = checkpoint(args.arch, args.preset)
     vocab = int(json.loads((path / "config.json").read_text())["vocab_size"])
     g = torch.Generator().manual_seed(0)
-    workloads = {
-        c: torch.randint(3, vocab, (c, args.prompt_len), generator=g).tolist() for c in levels
-    }
+
+    def fresh(c: int) -> list[list[int]]:
+        """C new random prompts: no pass may hit the prefix cache another pass filled."""
+        return torch.randint(3, vocab, (c, args.prompt_len), generator=g).tolist()
+
+    workloads: dict[int, list[list[int]]] = {}  # the first API's prompts per C, for offline
 
     port = free_port()
     base = {
@@ -299,7 +302,7 @@ def main() -> None:
     cpu: dict[tuple[str, int], dict[str, float]] = {}
     http = f"http://127.0.0.1:{cfg.router.http_port}"
     with deployed(cfg) as target:
-        run_streams(target, workloads[levels[0]][:1], 4)  # warm-up
+        run_streams(target, fresh(1), 4)  # warm-up
         if args.idle_s:
             time.sleep(1)
             idle0 = cpu_seconds()
@@ -317,14 +320,16 @@ def main() -> None:
                 flush=True,
             )
         if "openai" in apis:
-            run_sse_streams(http, workloads[levels[0]][:1], 4)  # warm-up
+            run_sse_streams(http, fresh(1), 4)  # warm-up
         for c in levels:
             for api in apis:
+                prompts = fresh(c)
+                workloads.setdefault(c, prompts)
                 cpu0 = cpu_seconds()
                 if api == "grpc":
-                    stats = run_streams(target, workloads[c], args.new_tokens, args.stream_interval)
+                    stats = run_streams(target, prompts, args.new_tokens, args.stream_interval)
                 else:
-                    stats = run_sse_streams(http, workloads[c], args.new_tokens)
+                    stats = run_sse_streams(http, prompts, args.new_tokens)
                 cpu1 = cpu_seconds()
                 n = c * args.new_tokens
                 served[api, c] = stats
