@@ -252,6 +252,8 @@ class RouterServer:
             max_body_bytes=r.max_message_bytes,
         )
         self.http: HttpFrontDoor | None = None
+        if (clash := r.http_port_clash(_serve_proxy_port())) is not None:
+            raise ValueError(clash)
         if r.http_direct:
             assert r.http_port is not None
             http_app = openai_app(lambda: self.openai)
@@ -270,6 +272,23 @@ class RouterServer:
             with contextlib.suppress(Exception):
                 self.front_door.run(self.http.stop(self._grace_s), timeout_s=self._grace_s + 10)
         self.front_door.stop(self._grace_s)
+
+
+def _serve_proxy_port() -> int | None:
+    """The port Serve's HTTP proxies listen on; None when they are off or Serve cannot say."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client()
+        if client is None:
+            return None
+        location = ray.get(client._controller.get_proxy_location.remote(), timeout=10)
+        if location is None or getattr(location, "value", location) == "Disabled":
+            return None
+        return int(client.http_config.port)
+    except Exception as e:  # a Serve without these internals: the check is skipped
+        log.warning("could not read Serve's HTTP proxy port: %r", e)
+        return None
 
 
 def _stage_options(cfg: ClusterConfig, stage: str) -> dict[str, Any]:

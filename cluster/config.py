@@ -278,6 +278,18 @@ class RouterConfig(_Schema):
         """The Router replicas serve the OpenAI API on router.http_port themselves."""
         return self.http_port is not None and self.http_server == "router"
 
+    def http_port_clash(self, serve_proxy_port: int | None) -> str | None:
+        """The sentence to fail with when the Router would serve router.http_port itself on the
+        port Serve's HTTP proxy listens on (`serve_proxy_port`, None: no proxy): both set
+        SO_REUSEPORT, so the kernel would silently split the connections between them."""
+        if not self.http_direct or serve_proxy_port != self.http_port:
+            return None
+        return (
+            f"router.http_port {self.http_port} is also the port of Serve's HTTP proxy: with "
+            "router.http_server: router give the proxy another port (http_options.port) or "
+            "none (proxy_location: Disabled), or set router.http_server: serve"
+        )
+
     @property
     def max_message_bytes(self) -> int:
         """Bytes one gRPC message may have: far above max_prompt_bytes (a big prompt gets the

@@ -39,6 +39,17 @@ def test_defaults_are_the_embedded_cpu_shape():
     assert cfg.prefix_caching and cfg.router.prefill_policy == "cache_aware"
 
 
+def test_the_routers_own_http_server_refuses_serves_proxy_port():
+    direct = ClusterConfig.from_args({"model": MODEL, "router": {"http_server": "router"}})
+    assert direct.router.http_port == 8000
+    why = direct.router.http_port_clash(8000)
+    assert why is not None and "router.http_port 8000" in why and "http_options.port" in why
+    assert direct.router.http_port_clash(8001) is None  # the proxy elsewhere
+    assert direct.router.http_port_clash(None) is None  # no proxy
+    behind_serve = ClusterConfig.from_args({"model": MODEL})
+    assert behind_serve.router.http_port_clash(8000) is None  # Serve's proxy is the way in
+
+
 def test_core_turns_default_to_cpu_ranks_only():
     cpu = ClusterConfig.from_args({"model": MODEL})
     gpu = ClusterConfig.from_args({"model": MODEL, "decode": {"num_gpus_per_rank": 1}})
