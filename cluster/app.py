@@ -242,23 +242,31 @@ class RouterServer:
         # The OpenAI HTTP API runs each request through the same servicer, on the gRPC server's
         # loop (relayed: one task there owns the request's stream): behind Serve's proxy
         # (build_app makes this class Serve's HTTP ingress) from Serve's loop; served by this
-        # replica itself (http_server: router) from the same loop.
-        self.openai = OpenAIFrontend(
-            self.servicer,
-            self.front_door.relay,
-            served_name=cfg.model.name,
-            created=int(time.time()),
-            watch_disconnect=r.http_direct,
-            max_body_bytes=r.max_message_bytes,
-        )
-        self.http: HttpFrontDoor | None = None
-        if (clash := r.http_port_clash(_serve_proxy_port())) is not None:
+        # replica itself (http_server: router, or auto without Serve's proxy on the port) from
+        # the same loop.
+        proxy_port = _serve_proxy_port() if r.http_port is not None else None
+        if (clash := r.http_port_clash(proxy_port)) is not None:
             raise ValueError(clash)
-        if r.http_direct:
+        direct = r.serves_http_itself(proxy_port)
+
+        def frontend(watch_disconnect: bool) -> OpenAIFrontend:
+            return OpenAIFrontend(
+                self.servicer,
+                self.front_door.relay,
+                served_name=cfg.model.name,
+                created=int(time.time()),
+                watch_disconnect=watch_disconnect,
+                max_body_bytes=r.max_message_bytes,
+            )
+
+        self.openai = frontend(False)  # behind Serve's proxy, which cancels on disconnect
+        self.http: HttpFrontDoor | None = None
+        if direct:
             assert r.http_port is not None
-            http_app = openai_app(lambda: self.openai)
-            door = HttpFrontDoor(http_app, host="0.0.0.0", port=r.http_port)
+            own = frontend(True)  # uvicorn does not cancel a handler not yet streaming
+            door = HttpFrontDoor(openai_app(lambda: own), host="0.0.0.0", port=r.http_port)
             self.http = self.front_door.run(door.start(), timeout_s=60)
+        log.info("OpenAI API on :%s served by %s", r.http_port, "the Router" if direct else "Serve")
 
     def check_health(self) -> None:
         if not self.front_door.alive():

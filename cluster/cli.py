@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--http-host",
         default="127.0.0.1",
-        help="address the HTTP API binds (default loopback; 0.0.0.0 to expose it)",
+        help="address Serve's HTTP proxy binds with router.http_server: serve (default "
+        "loopback; 0.0.0.0 to expose it); the Router's own HTTP server binds every address",
     )
     s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for ready")
     s.add_argument("--demo", metavar="PROMPT", help="once ready, stream one greedy completion")

@@ -201,17 +201,17 @@ class RouterConfig(_Schema):
         ge=1,
         le=65535,
         description="port of the OpenAI-compatible HTTP API (/v1/completions, "
-        "/v1/chat/completions, /v1/models), served by the Router behind Serve's HTTP proxy: "
-        "Serve's http_options.port must be this port (`moe-cluster serve` sets it; in a "
-        "RayService set both; see http_server); null: no HTTP API",
+        "/v1/chat/completions, /v1/models), served by the Router replicas or by Serve's HTTP "
+        "proxy (see http_server); null: no HTTP API",
     )
-    http_server: Literal["serve", "router"] = Field(
-        default="serve",
-        description="who serves router.http_port: `serve`, Serve's HTTP proxy, handing each "
-        "request to a Router replica (its http_options.port must be router.http_port; works "
-        "with `serve run` and KubeRay's serve Service); `router`, the Router replicas "
-        "themselves, like gRPC (no proxy hop: ~4x less CPU per streamed token; Serve's HTTP "
-        "proxy must then use another port or none, as `moe-cluster serve` does)",
+    http_server: Literal["auto", "serve", "router"] = Field(
+        default="auto",
+        description="who serves router.http_port: `router`, the Router replicas themselves, "
+        "like gRPC (no proxy hop: ~6x less CPU per streamed token; Serve's HTTP proxy must "
+        "use another port or none); `serve`, Serve's HTTP proxy, handing each request to a "
+        "Router replica (its http_options.port must be router.http_port; KubeRay's serve "
+        "Service); `auto`: the Router's own server unless Serve's HTTP proxy listens on "
+        "router.http_port (`serve run`, a RayService), then the proxy",
     )
     auth_tokens: list[str] = Field(
         default_factory=list,
@@ -270,19 +270,26 @@ class RouterConfig(_Schema):
 
     @property
     def http_via_serve(self) -> bool:
-        """Serve's HTTP proxy carries the OpenAI API to the Router (the Router is the ingress)."""
-        return self.http_port is not None and self.http_server == "serve"
+        """The Router may be Serve's HTTP ingress (the proxy may carry the OpenAI API to it)."""
+        return self.http_port is not None and self.http_server != "router"
 
     @property
-    def http_direct(self) -> bool:
-        """The Router replicas serve the OpenAI API on router.http_port themselves."""
-        return self.http_port is not None and self.http_server == "router"
+    def starts_serve_proxy(self) -> bool:
+        """`moe-cluster serve` starts Serve's HTTP proxy on router.http_port (else none)."""
+        return self.http_port is not None and self.http_server == "serve"
+
+    def serves_http_itself(self, serve_proxy_port: int | None) -> bool:
+        """Whether the Router replicas serve router.http_port themselves, Serve's HTTP proxy
+        listening on `serve_proxy_port` (None: no proxy)."""
+        if self.http_port is None or self.http_server == "serve":
+            return False
+        return self.http_server == "router" or serve_proxy_port != self.http_port
 
     def http_port_clash(self, serve_proxy_port: int | None) -> str | None:
         """The sentence to fail with when the Router would serve router.http_port itself on the
         port Serve's HTTP proxy listens on (`serve_proxy_port`, None: no proxy): both set
         SO_REUSEPORT, so the kernel would silently split the connections between them."""
-        if not self.http_direct or serve_proxy_port != self.http_port:
+        if self.http_server != "router" or serve_proxy_port != self.http_port:
             return None
         return (
             f"router.http_port {self.http_port} is also the port of Serve's HTTP proxy: with "

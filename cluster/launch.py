@@ -30,14 +30,14 @@ def deploy(
     http_host: str = "127.0.0.1",
     timeout_s: float = 600.0,
 ) -> None:
-    """Start Serve on the connected Ray (its HTTP proxy on `http_host:router.http_port`, loopback
-    unless asked, carrying the OpenAI API; no proxy when `router.http_port` is null or the
-    Router serves it itself, `router.http_server: router`; no gRPC proxy: the Router serves
-    `router.port` itself), deploy the application and return once it
-    serves requests. Serve keeps the proxy options of its first start."""
-    if cfg.router.http_via_serve:
+    """Start Serve on the connected Ray (with `router.http_server: serve` its HTTP proxy on
+    `http_host:router.http_port`, loopback unless asked, carrying the OpenAI API; else no proxy:
+    the Router serves the HTTP port itself, or there is none; no gRPC proxy: the Router serves
+    `router.port` itself), deploy the application and return once it serves requests. Serve
+    keeps the proxy options of its first start."""
+    if cfg.router.starts_serve_proxy:
         serve.start(http_options={"host": http_host, "port": cfg.router.http_port})
-    else:  # the Router serves the HTTP port itself, or there is none
+    else:  # the Router serves the HTTP port itself (auto, router), or there is none
         serve.start(proxy_location="Disabled")
     serve.run_many(
         [serve.RunTarget(build_app(cfg), name=APP_NAME, route_prefix="/")],

@@ -86,7 +86,7 @@ def serve_command(args: argparse.Namespace) -> int:
         host = "localhost" if embedded else head_node_ip()
         http = cfg.router.http_port
         # Serve's proxy binds --http-host; the Router's own HTTP server every address, as gRPC
-        http_host = args.http_host if cfg.router.http_via_serve else host
+        http_host = args.http_host if cfg.router.starts_serve_proxy else host
         api = f" (OpenAI HTTP API on {http_host}:{http}/v1)" if http is not None else ""
         print(f"moe-cluster serve: ready on {host}:{cfg.router.port}{api}", flush=True)
         if args.demo:

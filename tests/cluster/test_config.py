@@ -50,6 +50,24 @@ def test_the_routers_own_http_server_refuses_serves_proxy_port():
     assert behind_serve.router.http_port_clash(8000) is None  # Serve's proxy is the way in
 
 
+def test_auto_http_serves_itself_unless_serves_proxy_holds_the_port():
+    def router(**fields):
+        return ClusterConfig.from_args({"model": MODEL, "router": fields}).router
+
+    auto = router()
+    assert auto.http_server == "auto" and not auto.starts_serve_proxy  # `moe-cluster serve`
+    assert auto.serves_http_itself(None)  # no proxy: the Router's own server
+    assert auto.serves_http_itself(8001)  # the proxy elsewhere
+    assert not auto.serves_http_itself(8000)  # `serve run`, a RayService: the proxy carries it
+    assert router(http_server="router").serves_http_itself(8001)
+    via_serve = router(http_server="serve")
+    assert via_serve.starts_serve_proxy and not via_serve.serves_http_itself(None)
+    off = router(http_port=None)
+    assert (
+        not off.serves_http_itself(None) and not off.starts_serve_proxy and not off.http_via_serve
+    )
+
+
 def test_core_turns_default_to_cpu_ranks_only():
     cpu = ClusterConfig.from_args({"model": MODEL})
     gpu = ClusterConfig.from_args({"model": MODEL, "decode": {"num_gpus_per_rank": 1}})

@@ -45,10 +45,11 @@ def model(tiny_checkpoint):
     return tiny_checkpoint("qwen3_moe")
 
 
-@pytest.fixture(scope="module", params=["serve", "router"])
+@pytest.fixture(scope="module", params=["serve", "auto"])
 def server(request, model, tmp_path_factory):
     """Both ways of serving the HTTP port: Serve's HTTP proxy -> the Router replica (default),
-    and the Router replica's own HTTP server (router.http_server: router)."""
+    and the Router replica's own HTTP server (router.http_server: auto, the default, with no
+    Serve proxy on the port, as `moe-cluster serve` runs it: the same server as `router`)."""
     grpc_port, http_port = free_port(), free_port()
     config = tmp_path_factory.mktemp("openai") / "cluster.yaml"
     config.write_text(
