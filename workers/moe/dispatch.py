@@ -212,14 +212,17 @@ class AllToAllDispatcher:
 
         send_x = torch.index_select(x, 0, send_token, out=self._buffer("send", x, len(send_token)))
         recv_x = self._buffer("recv", x, sum(recv_splits))  # [R, H]
-        dist.all_to_all_single(recv_x, send_x, recv_splits, send_splits, group=self.group)
-        # ids and weights travel as one int64 tensor [S, 2K]: the fp32 weights' bits, widened
-        # int32 -> int64 and narrowed back, come out exactly (no float conversion anywhere).
-        # Packing them into the x rows' bytes too (one collective fewer) measured slower on
-        # CPU gloo: the extra copies of the wide rows cost more than the small collective.
+        rows = dist.all_to_all_single(
+            recv_x, send_x, recv_splits, send_splits, group=self.group, async_op=True
+        )
+        # ids and weights travel as one int64 tensor [S, 2K], built and sent while the rows are
+        # in flight: the fp32 weights' bits, widened int32 -> int64 and narrowed back, come out
+        # exactly (no float conversion anywhere). Packing them into the x rows' bytes too (one
+        # collective fewer) measured slower on CPU gloo: the copies of the wide rows cost more.
         bits = topk_weights.to(dev, torch.float32).contiguous().view(torch.int32).to(torch.int64)
         meta = torch.cat([ids, bits], dim=1).index_select(0, send_token)  # [S, 2K]
         meta = self._exchange(meta, send_splits, recv_splits)  # [R, 2K]
+        rows.wait()
         k = ids.shape[1]
         recv_ids = meta[:, :k].contiguous()  # [R, K]
         recv_weights = meta[:, k:].to(torch.int32).view(torch.float32)  # [R, K]
