@@ -249,12 +249,14 @@ class RouterServer:
             raise ValueError(clash)
         direct = r.serves_http_itself(proxy_port)
 
+        created = int(time.time())  # the model's creation time in /v1/models, either path
+
         def frontend(watch_disconnect: bool) -> OpenAIFrontend:
             return OpenAIFrontend(
                 self.servicer,
                 self.front_door.relay,
                 served_name=cfg.model.name,
-                created=int(time.time()),
+                created=created,
                 watch_disconnect=watch_disconnect,
                 max_body_bytes=r.max_message_bytes,
             )

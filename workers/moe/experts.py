@@ -128,8 +128,8 @@ class RoutedExperts(nn.Module):
         MoE layer, in the same order, every step, even with T = 0."""
         if self.expert_load is not None:  # logical ids of this rank's own tokens, before routing
             self.expert_load.record(self.layer_index, topk_ids)
-        if self.placement is not None and not self.placement.is_identity:
-            topk_ids = route_to_slots(topk_ids, self.placement)  # logical ids -> their slots
+        if self.placement is not None:  # logical expert ids -> the slots holding them
+            topk_ids = route_to_slots(topk_ids, self.placement)
         if self.dispatcher is None:
             out = self.compute(x, topk_ids, topk_weights)
             return out if overlap is None else out + overlap()

@@ -174,7 +174,7 @@ def route_to_slots(
     t, k = topk_ids.shape
     tab = placement.tables(topk_ids.device)
     flat = topk_ids.reshape(-1).long()  # [T*K]
-    if flat.numel() == 0:
+    if flat.numel() == 0 or placement.is_identity:  # slot i holds expert i: nothing to map
         return flat.view(t, k)
     if placement.num_redundant == 0:  # one copy each: a lookup (a decode step's ~10 ops less)
         return tab.logical_to_slots[flat, 0].view(t, k)

@@ -130,8 +130,7 @@ class Rank:
         self.member = member
         self.publish: Publish = lambda by_session, load, admitted: None  # set by the channel
         self._lockstep = lockstep
-        self._core_turn = turn
-        self._turn = turn or contextlib.nullcontext()  # held around each step with work
+        self._turn = turn  # held around each step with work
         if lockstep is not None and turn is not None:
             lockstep.turn = turn
         self._put_kv = put_kv
@@ -196,8 +195,8 @@ class Rank:
             if self._thread.is_alive():
                 raise TimeoutError(f"rank loop did not stop within {timeout_s} s")
         self._close_group()
-        if self._core_turn is not None:
-            self._core_turn.close()
+        if self._turn is not None:
+            self._turn.close()
 
     def join(self, timeout_s: float) -> bool:
         """Wait for the loop to end (e.g. a peer stopped the gang); True if it has."""
@@ -245,7 +244,7 @@ class Rank:
             elif self._stop.is_set() or self._leave.is_set():
                 return
             elif self.engine.has_unfinished():
-                with self._turn:
+                with self._turn or contextlib.nullcontext():
                     outputs = self.engine.step()
             else:
                 outputs = None
