@@ -13,6 +13,7 @@ from workers.ep_rank import ExpertParallelRank
 from workers.messages import RankAddress
 from workers.rank.channel import ChannelServer, listen_socket
 from workers.rank.core_turn import CoreTurn
+from workers.rank.openmp import release_thread_pool
 from workers.rank.rank import GangMember, Rank
 from workers.rank.transport import KVStore, PeerKVTransport
 
@@ -101,6 +102,7 @@ def start_rank(
             engine, member, put_kv=transport.put, end_session_kv=store.release_session, turn=turn
         )
     channel = ChannelServer(rank, transport, sock).start()
+    release_thread_pool()  # the loop thread's OpenMP pool the only one left (see openmp.py)
     rank.start()
     address = RankAddress(
         member.replica_id,
