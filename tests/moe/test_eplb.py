@@ -132,3 +132,19 @@ def test_expert_load_window_drops_old_steps() -> None:
     assert stats.totals().sum() == 0 and stats.num_steps == 0
     with pytest.raises(ValueError, match="layer 2 outside"):
         stats.record(2, torch.tensor([[0]]))
+
+
+@pytest.mark.parametrize("window", [1, 3, 8])
+def test_expert_load_totals_equal_the_sum_over_the_window(window: int) -> None:
+    """The running sum of ended steps agrees with summing the last `window` steps' picks."""
+    g = torch.Generator().manual_seed(window)
+    stats, steps = ExpertLoad(num_layers=3, num_experts=5, window=window), []
+    for _ in range(4 * window + 3):
+        step = torch.zeros(3, 5, dtype=torch.int64)
+        for layer in range(3):
+            ids = torch.randint(0, 5, (int(torch.randint(0, 6, (1,), generator=g)), 2), generator=g)
+            stats.record(layer, ids)
+            step[layer] += torch.bincount(ids.reshape(-1), minlength=5)
+        steps.append(step)
+        assert torch.equal(stats.totals(), torch.stack(steps[-window:]).sum(0))
+        stats.step()

@@ -14,7 +14,11 @@ __all__ = ["ExpertLoad"]
 class ExpertLoad:
     """A ring of W per-step [L, E] count tables. Call `record` for each MoE layer during a step,
     then `step` once when the step ends; `totals` sums the last W steps (the current one
-    included). Counts stay on `device` and recording never syncs it with the host."""
+    included). Counts stay on `device` and recording never syncs it with the host.
+
+    The ended steps of the window are kept summed (`step` adds the step that ends and takes
+    out the one that leaves), so `totals` is one [L, E] add: a sum over the ring was a parallel
+    reduction, which on CPU left an idle rank's OpenMP workers spinning after each status."""
 
     def __init__(
         self, num_layers: int, num_experts: int, window: int, device: torch.device | str = "cpu"
@@ -28,6 +32,7 @@ class ExpertLoad:
         self.num_experts = num_experts
         self.window = window
         self.counts = torch.zeros(window, num_layers, num_experts, dtype=torch.int64, device=device)
+        self.ended = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=device)
         self.current = 0  # ring position of the step being recorded
         self.num_steps = 0  # steps ended by `step` since construction or `reset`
 
@@ -41,15 +46,18 @@ class ExpertLoad:
 
     def step(self) -> None:
         """Ends the current step; the oldest step leaves the window to make room."""
+        self.ended += self.counts[self.current]
         self.current = (self.current + 1) % self.window
+        self.ended -= self.counts[self.current]  # the oldest step leaves (W = 1: the one ended)
         self.counts[self.current].zero_()
         self.num_steps += 1
 
     def totals(self) -> torch.Tensor:
         """[L, E] int64 picks per expert over the last W steps (the current one included)."""
-        return self.counts.sum(0)
+        return self.ended + self.counts[self.current]
 
     def reset(self) -> None:
         self.counts.zero_()
+        self.ended.zero_()
         self.current = 0
         self.num_steps = 0
