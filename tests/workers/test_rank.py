@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import queue
+import time
 
 import pytest
 
@@ -12,6 +13,7 @@ from workers.engine import SamplingParams
 from workers.engine.build import build_engine
 from workers.messages import DRAINING, INVALID, MIGRATE, Submit
 from workers.rank import GangMember, Rank
+from workers.rank.rank import STATUS_PERIOD_S
 
 LONG = SamplingParams(max_tokens=3000, temperature=0, ignore_eos=True)
 WAIT_S = 60
@@ -62,6 +64,21 @@ def test_drain_refuses_new_work_and_hands_back_after_the_grace(rank):
     assert seen["new"][-1].error_kind == DRAINING
     assert seen["held"][-1].error_kind == MIGRATE
     assert not rank.snapshot.load.accepting
+
+
+def test_an_idle_rank_alone_sleeps_until_woken_but_refreshes_its_status(rank):
+    """No peers to poll: idle, the loop waits up to the status period (not the gang's 50 ms);
+    a submit still wakes it at once, and the status keeps being refreshed."""
+    deadline = time.monotonic() + WAIT_S
+    while rank._backoff.current < STATUS_PERIOD_S:
+        assert time.monotonic() < deadline, f"idle backoff stuck at {rank._backoff.current}"
+        time.sleep(0.05)
+    first = rank.snapshot.status.time_s
+    while rank.snapshot.status.time_s == first:
+        assert time.monotonic() < deadline, "the idle rank stopped refreshing its status"
+        time.sleep(0.05)
+    rank.submit("s", Submit("ok", [1, 2], SamplingParams(max_tokens=3, temperature=0)))
+    assert _until(rank, lambda s: "ok" in s and s["ok"][-1].finished)["ok"][-1].finished
 
 
 def test_bad_submit_is_answered_and_the_loop_goes_on(rank):

@@ -138,7 +138,11 @@ class Rank:
         self._expert_load = expert_load
         self._dispatch_bytes = dispatch_bytes
         self._close_group = close_group
-        self._backoff = backoff or IdleBackoff()
+        # idle, a gang member polls its peers (they may need it for a step: up to 50 ms late);
+        # a rank alone has no one to poll: it sleeps until a command wakes it, waking only to
+        # refresh its status (on two cores every wake-up costs a busy neighbour's step)
+        alone = lockstep is None or lockstep.alone
+        self._backoff = backoff or IdleBackoff(max_s=STATUS_PERIOD_S if alone else 0.05)
         self._inbox: queue.SimpleQueue[_Submit | Abort | _EndSession] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
