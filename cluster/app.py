@@ -27,8 +27,8 @@ import ray
 from ray import serve
 
 from cluster.config import ClusterConfig, DecodeConfig, PrefillAutoscaling, PrefillConfig
-from cluster.metrics import RankMetrics
-from cluster.registry import REPORT_PERIOD_S, gang_init_method, registry
+from cluster.metrics import METRICS_PERIOD_S, RankMetrics
+from cluster.registry import REPORT_PERIOD_S, RegistryClient, gang_init_method, registry
 from router.channels import RankDirectory
 from router.metrics import RouterMetrics
 from router.openai_api import OpenAIFrontend, openai_ingress
@@ -123,12 +123,15 @@ class _RankServer:
         self._reporter.start()
 
     def _report(self) -> None:
-        """Publish where this rank listens (the registry may restart: re-found by name) and
-        update the metrics, every REPORT_PERIOD_S."""
+        """Publish where this rank listens every REPORT_PERIOD_S (the registry may restart:
+        re-found by name) and update the metrics every METRICS_PERIOD_S."""
+        client, metrics_at = RegistryClient(self._app), 0.0
         while not self._stop.wait(REPORT_PERIOD_S):
             try:
-                registry(self._app).publish_rank.remote(self.serving.address)
-                if (status := self.serving.rank.snapshot.status) is not None:
+                client.publish_rank(self.serving.address)
+                status = self.serving.rank.snapshot.status
+                if status is not None and time.monotonic() - metrics_at >= METRICS_PERIOD_S:
+                    metrics_at = time.monotonic()
                     self._metrics.update(status)
             except Exception as e:  # keep trying: the registry comes back
                 log.warning("rank report failed: %r", e)
@@ -189,9 +192,10 @@ class RouterServer:
         peer_id = f"router-{ctx.replica_id.unique_id}"
         r = cfg.router
         directories: list[RankDirectory] = []
+        registry_client = RegistryClient(app)
 
         async def list_ranks() -> list[RankAddress]:
-            return await registry(app).ranks.remote()
+            return await registry_client.ranks()
 
         def directory() -> RankDirectory:  # made on the front door's event loop
             if not directories:

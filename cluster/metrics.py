@@ -1,15 +1,19 @@
 """Ray metrics of the ranks (exported on Ray's Prometheus endpoint as `ray_moe_*`; the Grafana
 dashboard in deploy/grafana/ reads them). The router's own metrics are in router/metrics.py.
 
-Each rank sets its gauges from the `RankStatus` it reports every 0.5 s; cumulative counters
-(dispatch bytes, prefix-cache tokens) advance by the difference since the previous report.
+Each rank sets its gauges from its latest `RankStatus` every METRICS_PERIOD_S (each record
+is Python work in the rank's process, and Ray exports far less often than the ranks report);
+cumulative counters (dispatch bytes, prefix-cache tokens) advance by the difference since the
+previous update.
 """
 
 from __future__ import annotations
 
 from workers.messages import RankStatus
 
-__all__ = ["RankMetrics"]
+__all__ = ["METRICS_PERIOD_S", "RankMetrics"]
+
+METRICS_PERIOD_S = 2.0
 
 _RANK_TAGS = ("stage", "gang", "rank")
 

@@ -7,20 +7,22 @@
 It lives outside every gang's placement group (`scheduling_strategy="DEFAULT"`: an actor made
 from inside a gang replica would otherwise be captured by the gang's placement group and die with
 it) and holds only soft state: when it is restarted, ranks re-publish within REPORT_PERIOD_S and
-callers find the new one by name (`registry()` every time, never a cached handle).
+callers find the new one by name: `registry()` resolves it (a GCS lookup each time), and the
+periodic callers keep a `RegistryClient`, whose handle is resolved again after a call failed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from typing import Any
 
 import ray
 
 from cluster.net import free_port
 from workers.messages import RankAddress
 
-__all__ = ["REPORT_PERIOD_S", "drop_registry", "gang_init_method", "registry"]
+__all__ = ["REPORT_PERIOD_S", "RegistryClient", "drop_registry", "gang_init_method", "registry"]
 
 NAMESPACE = "moe-cluster"
 REPORT_PERIOD_S = 0.5
@@ -63,6 +65,40 @@ def registry(app_name: str):
         get_if_exists=True,
         scheduling_strategy="DEFAULT",  # never inside the caller's gang placement group
     ).remote()
+
+
+class RegistryClient:
+    """The registry of one application for a caller that talks to it every REPORT_PERIOD_S:
+    the handle is kept while calls succeed (no lookup per call) and found again by name once
+    one failed (the registry died and is being re-created)."""
+
+    def __init__(self, app_name: str) -> None:
+        self.app_name = app_name
+        self._handle: Any = None
+        self._pending: ray.ObjectRef | None = None  # the last fire-and-forget publish
+
+    def _registry(self) -> Any:
+        if self._pending is not None:  # a publish that failed means a dead handle
+            ready, _ = ray.wait([self._pending], timeout=0)
+            if ready:
+                self._pending = None
+                try:
+                    ray.get(ready[0], timeout=0)
+                except Exception:
+                    self._handle = None
+        if self._handle is None:
+            self._handle = registry(self.app_name)
+        return self._handle
+
+    def publish_rank(self, address: RankAddress) -> None:
+        self._pending = self._registry().publish_rank.remote(address)
+
+    async def ranks(self) -> list[RankAddress]:
+        try:
+            return await self._registry().ranks.remote()
+        except Exception:
+            self._handle = None
+            raise
 
 
 def drop_registry(app_name: str) -> None:

@@ -514,3 +514,27 @@ def test_deadline_during_prefill_stops_the_prefill(client):
         "every KV block free after the deadline, the prefill's first chunks counted",
     )
     assert 0 < sum(r.tokens_processed for r in ranks["prefill"]) - before < 3900
+
+
+def test_a_killed_registry_is_recreated_and_every_rank_republishes(client):
+    """The registry holds soft state: killed, it is found again by name (ranks and routers keep
+    a handle and re-resolve it after a failed call), the ranks re-publish, requests go on."""
+    from cluster.registry import NAMESPACE, registry
+
+    name = f"registry-{APP_NAME}"
+    old = ray.get_actor(name, namespace=NAMESPACE)
+    old_id = old._actor_id
+    ray.kill(old, no_restart=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            new = ray.get_actor(name, namespace=NAMESPACE)
+            if new._actor_id != old_id and len(ray.get(new.ranks.remote(), timeout=10)) == 6:
+                break
+        except ValueError:  # not re-created yet
+            pass
+        assert time.monotonic() < deadline, "no new registry listing the 6 ranks after 60 s"
+        time.sleep(0.2)  # ranks re-publish every 0.5 s; bounded by the deadline
+    assert registry(APP_NAME)._actor_id == new._actor_id  # found by name, not duplicated
+    out = client.complete("Once upon", max_tokens=4, temperature=0.0, ignore_eos=True)
+    assert len(out.token_ids) == 4
