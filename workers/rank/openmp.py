@@ -8,8 +8,9 @@ and once it manages more threads than the process has CPUs it throttles its spin
 pays a futex wake-up. Alone that costs little (2 threads used 174% of the cores instead of
 200%), beside other processes much more, a woken worker waiting for a core another process took
 (the 1 + 1 cluster at 32 streams: 0.75-0.80x of the offline engine before, 0.82-0.85x after).
-Freeing the loading thread's pool once its work is done leaves one pool, the loop's. OpenMP 5.0 `omp_pause_resource_all(omp_pause_soft)` does
-exactly that for the calling thread (a later parallel region there builds a new pool).
+Freeing the loading thread's pool once its work is done leaves one pool, the loop's: OpenMP
+5.0 `omp_pause_resource_all(omp_pause_soft)` does that for the calling thread (a later parallel
+region there builds a new pool).
 """
 
 from __future__ import annotations
