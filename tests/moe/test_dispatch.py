@@ -173,13 +173,13 @@ def test_matches_single_rank(ranks, case: Case) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_received_rows(ranks, case: Case) -> None:
-    """Each rank receives, per source rank in order, each token routed to it exactly once, with
-    its full top-k row and bit-exact weights."""
+    """Each rank receives, per source rank (its own rows first, then the others in order), each
+    token routed to it exactly once, with its full top-k row and bit-exact weights."""
     world, results = ranks
     inputs = [make_inputs(case, world, r) for r in range(world)]
     for rank, res in enumerate(results):
         want_x, want_ids, want_w = [], [], []
-        for x, ids, w in inputs:
+        for x, ids, w in [inputs[rank]] + inputs[:rank] + inputs[rank + 1 :]:
             to_me = [rank in {owner(e, world) for e in row} for row in ids.tolist()]
             mask = torch.tensor(to_me, dtype=torch.bool)  # [T]
             want_x.append(x[mask])

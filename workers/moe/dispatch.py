@@ -56,7 +56,8 @@ class DispatchHandle:
 
 @dataclass(frozen=True)
 class Dispatched:
-    """Rows received by this rank, grouped by source rank (ascending), then by source token."""
+    """Rows received by this rank, grouped by source rank (this rank's own first, then the
+    others ascending), then by source token."""
 
     recv_x: torch.Tensor  # [R, H] x.dtype: one row per (source token, this rank) pair
     recv_topk_ids: torch.Tensor  # [R, K] int64: the full top-k row, global expert ids
@@ -68,8 +69,8 @@ class Dispatched:
 class Traffic:
     """Dispatch payload of one rank and layer: x rows only, H * dtype size bytes each. The top-k
     ids and weights, the counts exchange and combine's return trip (the same rows back, in
-    expert_out's dtype) are not counted. Rows a rank sends to itself go through the collective
-    as a local copy: they are counted in `*_self`, never in `*_sent` / `*_received` (the wire).
+    expert_out's dtype) are not counted. Rows a rank keeps (its own experts' tokens) never
+    enter the collective: they are counted in `*_self`, never in `*_sent` / `*_received`.
     Per dispatch: tokens_sent + tokens_self = sum over tokens of their unique destination ranks,
     and bytes_* = tokens_* * H * x.element_size()."""
 
@@ -210,18 +211,30 @@ class AllToAllDispatcher:
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
 
-        send_x = torch.index_select(x, 0, send_token, out=self._buffer("send", x, len(send_token)))
-        recv_x = self._buffer("recv", x, sum(recv_splits))  # [R, H]
+        # this rank's own rows never cross the wire: gathered straight into the first block of
+        # recv_x (a copy saved each way), the collective's self block empty
+        me, n_self = self.rank, send_splits[self.rank]
+        lo = sum(send_splits[:me])
+        remote = torch.cat([send_token[:lo], send_token[lo + n_self :]])  # [S - n_self]
+        wire_send, wire_recv = _without(send_splits, me), _without(recv_splits, me)
+        recv_x = self._buffer("recv", x, sum(recv_splits))  # [R, H]: own rows, then the others
+        send_x = torch.index_select(x, 0, remote, out=self._buffer("send", x, len(remote)))
         rows = dist.all_to_all_single(
-            recv_x, send_x, recv_splits, send_splits, group=self.group, async_op=True
+            recv_x[n_self:], send_x, wire_recv, wire_send, group=self.group, async_op=True
         )
+        torch.index_select(x, 0, send_token[lo : lo + n_self], out=recv_x[:n_self])
         # ids and weights travel as one int64 tensor [S, 2K], built and sent while the rows are
         # in flight: the fp32 weights' bits, widened int32 -> int64 and narrowed back, come out
         # exactly (no float conversion anywhere). Packing them into the x rows' bytes too (one
         # collective fewer) measured slower on CPU gloo: the copies of the wide rows cost more.
         bits = topk_weights.to(dev, torch.float32).contiguous().view(torch.int32).to(torch.int64)
-        meta = torch.cat([ids, bits], dim=1).index_select(0, send_token)  # [S, 2K]
-        meta = self._exchange(meta, send_splits, recv_splits)  # [R, 2K]
+        packed = torch.cat([ids, bits], dim=1)  # [T, 2K]
+        meta = torch.cat(  # [R, 2K], in recv_x's order
+            [
+                packed.index_select(0, send_token[lo : lo + n_self]),
+                self._exchange(packed.index_select(0, remote), wire_send, wire_recv),
+            ]
+        )
         rows.wait()
         k = ids.shape[1]
         recv_ids = meta[:, :k].contiguous()  # [R, K]
@@ -246,19 +259,32 @@ class AllToAllDispatcher:
         Deterministic, also on CUDA: partials are added one destination rank at a time in rank
         order, and inside one rank's block a token appears once, so index_add_ never collides."""
         send = expert_out.contiguous()
-        back = self._buffer("back", send, sum(handle.send_splits))  # [S, H]
+        me, n_self = self.rank, handle.send_splits[self.rank]
+        back = self._buffer("back", send, sum(handle.send_splits) - n_self)  # [S - n_self, H]
         work = dist.all_to_all_single(
-            back, send, handle.send_splits, handle.recv_splits, group=self.group, async_op=True
+            back,
+            send[n_self:],  # this rank's own rows came first and stay here
+            _without(handle.send_splits, me),
+            _without(handle.recv_splits, me),
+            group=self.group,
+            async_op=True,
         )
         extra = overlap() if overlap is not None else None
         work.wait()
         y = expert_out.new_zeros(handle.num_tokens, expert_out.shape[1])  # [T, H]
-        start = 0
-        for n in handle.send_splits:
+        start = wire = 0
+        for r, n in enumerate(handle.send_splits):  # in rank order, this rank's own included
             if n:
-                y.index_add_(0, handle.send_token[start : start + n], back[start : start + n])
+                part = send[:n_self] if r == me else back[wire : wire + n]
+                y.index_add_(0, handle.send_token[start : start + n], part)
+                wire += 0 if r == me else n
             start += n
         return y if extra is None else y + extra
+
+
+def _without(splits: list[int], rank: int) -> list[int]:
+    """Split sizes with `rank`'s own block empty (rows a rank keeps never cross the wire)."""
+    return [0 if r == rank else n for r, n in enumerate(splits)]
 
 
 def make_dispatcher(
