@@ -274,10 +274,12 @@ class AllToAllDispatcher:
         y = expert_out.new_zeros(handle.num_tokens, expert_out.shape[1])  # [T, H]
         start = wire = 0
         for r, n in enumerate(handle.send_splits):  # in rank order, this rank's own included
+            if r == me:
+                part = send[:n_self]
+            else:
+                part, wire = back[wire : wire + n], wire + n
             if n:
-                part = send[:n_self] if r == me else back[wire : wire + n]
                 y.index_add_(0, handle.send_token[start : start + n], part)
-                wire += 0 if r == me else n
             start += n
         return y if extra is None else y + extra
 

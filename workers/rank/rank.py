@@ -142,7 +142,7 @@ class Rank:
         # a rank alone has no one to poll: it sleeps until a command wakes it, waking only to
         # refresh its status (on two cores every wake-up costs a busy neighbour's step)
         alone = lockstep is None or lockstep.alone
-        self._backoff = backoff or IdleBackoff(max_s=STATUS_PERIOD_S if alone else 0.05)
+        self._backoff = backoff or (IdleBackoff(max_s=STATUS_PERIOD_S) if alone else IdleBackoff())
         self._inbox: queue.SimpleQueue[_Submit | Abort | _EndSession] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
