@@ -36,6 +36,7 @@ import ray
 from ray._private import state as ray_state
 
 from cluster.config import ClusterConfig
+from cluster.embedded import start_embedded_ray
 from cluster.launch import deploy, undeploy
 from cluster.net import free_port
 from cluster.tiny import make_tiny
@@ -237,7 +238,7 @@ def main() -> None:
     args = ap.parse_args()
     model = Path(tempfile.mkdtemp()) / "tiny"
     make_tiny("deepseek_v3", model, seed=1, overrides={"max_position_embeddings": 4096})
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_embedded_ray(num_cpus=2, include_dashboard=False)
     port = free_port()
     cfg = ClusterConfig.from_args(
         {

@@ -130,11 +130,12 @@ def one_way(way: str, streams: int, messages: int, step_ms: float) -> None:
     from ray import serve
     from ray.serve.config import gRPCOptions
 
+    from cluster.embedded import start_embedded_ray
     from cluster.net import free_port
 
     StandIn.step_s = step_ms / 1e3
     port = free_port()
-    ray.init(include_dashboard=False, log_to_driver=False)
+    start_embedded_ray(include_dashboard=False)
     try:
         grpc_port = free_port() if way == "replica" else port
         serve.start(

@@ -34,6 +34,7 @@ import ray
 import torch
 
 from cluster.config import ClusterConfig
+from cluster.embedded import start_embedded_ray
 from cluster.launch import deploy, undeploy
 from cluster.net import free_port
 from cluster.tiny import make_tiny
@@ -62,7 +63,7 @@ def percentile(xs: list[float], q: float) -> float:
 def deployed(cfg: ClusterConfig, timeout_s: float = 900) -> Iterator[str]:
     """The cluster of `cfg` in this process's own Ray; yields its gRPC target, then takes the
     application, Serve and Ray down. The OpenAI API is on `cfg.router.http_port`."""
-    ray.init(include_dashboard=False, log_to_driver=False)
+    start_embedded_ray(include_dashboard=False)
     try:
         deploy(cfg, timeout_s=timeout_s)
         yield f"localhost:{cfg.router.port}"

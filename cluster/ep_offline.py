@@ -60,6 +60,7 @@ class ExpertParallelGroup:
     ) -> None:
         import ray
 
+        from cluster.embedded import start_embedded_ray
         from workers.ep_rank import BACKENDS, ExpertParallelRank, resolve_backend
 
         if ep < 1:
@@ -72,7 +73,7 @@ class ExpertParallelGroup:
         self.ep, self.timeout_s = ep, timeout_s
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
-            ray.init(num_cpus=max(2, ep), include_dashboard=False, log_to_driver=False)
+            start_embedded_ray(num_cpus=max(2, ep), include_dashboard=False)
         gpus = 1 if device.startswith("cuda") else 0
         rank_cls: Any = ray.remote(num_cpus=0, num_gpus=gpus)(ExpertParallelRank)  # no CPU slot
         init = f"tcp://127.0.0.1:{free_port()}"

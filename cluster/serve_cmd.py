@@ -70,13 +70,17 @@ def serve_command(args: argparse.Namespace) -> int:
 
     import ray
 
+    from cluster.embedded import start_embedded_ray
     from cluster.launch import DeployError, deploy, head_node_ip, undeploy
 
     def stop(signum: int, frame: Any) -> None:
         raise _Stop(signal.Signals(signum).name)
 
     embedded = args.address is None
-    ray.init(address=args.address, log_to_driver=False)
+    if embedded:
+        start_embedded_ray()
+    else:
+        ray.init(address=args.address, log_to_driver=False)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     code = 0

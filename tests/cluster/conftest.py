@@ -3,9 +3,11 @@
 import pytest
 import ray
 
+from cluster.embedded import start_embedded_ray
+
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_embedded_ray(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()

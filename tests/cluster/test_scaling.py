@@ -10,13 +10,18 @@ changes must finish with the offline engine's tokens. Two Router replicas serve 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 import yaml
@@ -36,23 +41,65 @@ pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    """`ray start --head` in its own processes; this test process connects as a driver."""
+def ray_cluster():
+    """`ray start --head --block` in its own process group and temp directory (so it leaves no
+    /tmp/ray/ray_current_cluster for a later `ray.init()` to find); this test process connects as
+    a driver. Stopped by signalling that process group, never `ray stop` (every Ray here)."""
     gcs, dashboard = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit
     # token auth off for this throwaway local cluster: `ray start` enables it by default, while a
     # driver connecting by address here does not send the token
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    subprocess.run(
-        [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2",
-         f"--dashboard-port={dashboard}", "--include-dashboard=true", "--disable-usage-stats"],
-        check=True, capture_output=True, timeout=180, env=env,
+    log = open(Path(temp) / "ray-start.log", "w+")  # noqa: SIM115 (closed in the finally)
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
+         f"--temp-dir={temp}", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+         "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     try:
+        _wait_head_started(head, Path(log.name), timeout_s=180)
         ray.init(address=f"127.0.0.1:{gcs}", log_to_driver=False)
         yield f"http://127.0.0.1:{dashboard}"
     finally:
         ray.shutdown()
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+        _stop_group(head)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_head_started(head: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while "Ray runtime started" not in log.read_text():
+        if head.poll() is not None:
+            pytest.fail(f"`ray start --head` exited {head.returncode}:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"`ray start --head` not started in {timeout_s} s:\n{log.read_text()}")
+        time.sleep(0.2)  # polling a log file: there is nothing to wait on
+
+
+def _stop_group(head: subprocess.Popen, grace_s: float = 60) -> None:
+    """SIGTERM to the head's process group (GCS, raylet, dashboard, workers: Ray's reaper takes
+    down what is left), then SIGKILL to whatever outlives the grace."""
+    try:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=grace_s)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    deadline = time.monotonic() + grace_s
+    while _group_alive(head.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs (zombies awaiting their reaper do not count)."""
+    for p in psutil.process_iter(["status"]):
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+    return False
 
 
 HTTP_PORT = free_port()  # Serve keeps the http/grpc options of its first deploy: one per module

@@ -18,6 +18,7 @@ import pytest
 import ray
 
 from cluster.app import APP_NAME
+from cluster.embedded import start_embedded_ray
 from cluster.launch import deploy, undeploy
 from cluster.net import free_port
 from cluster.offline import PromptSpec, run_offline
@@ -40,10 +41,9 @@ METRICS_PORT = free_port()
 @pytest.fixture(scope="module")
 def ray_cluster():
     """This module's Ray exports metrics on a known Prometheus port, reported every second."""
-    ray.init(
+    start_embedded_ray(
         num_cpus=2,
         include_dashboard=False,
-        log_to_driver=False,
         _metrics_export_port=METRICS_PORT,
         _system_config={"metrics_report_interval_ms": 1000},
     )

@@ -52,8 +52,11 @@ def test_bad_flags_exit_2_naming_the_flag(tiny_checkpoint, tmp_path):
 def test_serve_grpcurl_generate_and_sigterm(tiny_checkpoint):
     model = tiny_checkpoint("qwen3_moe")
     port = free_port()
+    # embedded means a new Ray even where the environment names a cluster long gone (as a dead
+    # `ray start` leaves in /tmp/ray/ray_current_cluster): a bare ray.init() would try to join it
+    gone = {"RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
     server = ServeProcess(
-        ["--model", str(model), "--port", str(port), "--http-port", str(free_port())]
+        ["--model", str(model), "--port", str(port), "--http-port", str(free_port())], env=gone
     )
     streams: list[subprocess.Popen] = []
     try:
