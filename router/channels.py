@@ -217,12 +217,14 @@ class RankDirectory:
         self.channels.clear()
 
     async def refresh(self) -> None:
-        """Connect to ranks that appeared, drop the ones that left the registry."""
+        """Connect to ranks that appeared. A channel outlives its rank's registry entry: the
+        channel, not the list, says whether a rank is there (it breaks when the rank dies, goes
+        silent for rank_timeout_s when it freezes, and a draining rank's streams finish on it
+        before the rank closes it). An entry can lapse while its rank serves: a late report, a
+        registry that lost its soft state while the ranks re-publish one by one; closing on
+        that would migrate every stream on the channel and, a lost replica never being
+        reconnected, leave a live rank unused by this router for good."""
         listed = {a.replica_id: a for a in await self._list_ranks()}
-        # an empty list while channels are open is a registry that just restarted (soft state,
-        # the ranks re-publish within seconds), not every rank gone: those close their sockets
-        for key in [k for k in self.channels if k not in listed and listed]:
-            self.channels.pop(key).close()
         for key, address in listed.items():
             if key in self.channels or key in self._lost:
                 continue
@@ -240,7 +242,7 @@ class RankDirectory:
         while True:
             try:
                 await self.refresh()
-            except Exception as e:  # the registry restarting: keep the channels we have
+            except Exception as e:  # GCS restarting: keep the channels we have
                 log.warning("rank list unavailable: %r", e)
             await asyncio.sleep(self.refresh_s)
 

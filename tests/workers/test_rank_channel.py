@@ -137,6 +137,34 @@ def test_a_lost_decode_rank_migrates_its_streams(ranks, offline, how):
         assert "".join(x.text for x in deltas) == ref.text
 
 
+def test_a_rank_missing_from_one_listing_keeps_its_channel(ranks, offline):
+    """An entry that lapses while its rank serves (a late report, a wiped registry being
+    refilled) neither closes the rank's channel nor keeps the router from using it."""
+
+    async def main():
+        shown = dict(ranks)
+
+        async def listed():
+            return [r.address for r in shown.values()]
+
+        d = RankDirectory(listed, "router-test", block_size=4, rank_timeout_s=5)
+        await d.refresh()
+        before = dict(d.channels)
+        del shown["d0"], shown["d1"]  # only the prefill rank listed for one poll
+        await d.refresh()
+        assert d.channels == before and all(ch.alive for ch in d.channels.values())
+        shown.update(ranks)
+        await d.refresh()
+        try:
+            return await _run(d, "r0", PROMPTS[0])
+        finally:
+            d.close()
+
+    state, deltas = asyncio.run(asyncio.wait_for(main(), WAIT_S))
+    assert [t for x in deltas for t in x.token_ids] == offline[0].token_ids
+    assert state.migrations == 0
+
+
 def test_cancel_and_a_closed_session_free_everything(ranks):
     async def main():
         d = await _directory(ranks)
