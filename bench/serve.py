@@ -179,7 +179,6 @@ LABELS = (
     "Router",
     "ProxyActor",
     "ServeController",
-    "GangRegistry",
     "DashboardAgent",
     "raylet",
     "gcs_server",

@@ -4,7 +4,7 @@
 Three deployments:
 - `PrefillRank` and `DecodeRank`: one replica per rank, gang-scheduled (gang size = the
   expert-parallel size, PACK or SPREAD); a gang is one torch.distributed group whose ranks meet
-  through the application's `GangRegistry`. Scaling is in whole gangs.
+  through the application's registry (`cluster/registry.py`, in GCS). Scaling is in whole gangs.
 - `Router`: the front door. It serves `moe.v1.Inference` on `router.port` itself
   (`router/server.py`, on the head node; Serve's gRPC proxy is not used), is the application's
   HTTP ingress for the OpenAI-compatible API (`router/openai_api/`, behind Serve's HTTP proxy on
@@ -17,6 +17,7 @@ The wrappers here stay thin: a rank is `workers.rank`, the API is `router.servic
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -28,7 +29,14 @@ from ray import serve
 
 from cluster.config import ClusterConfig, DecodeConfig, PrefillAutoscaling, PrefillConfig
 from cluster.metrics import METRICS_PERIOD_S, RankMetrics
-from cluster.registry import REPORT_PERIOD_S, RegistryClient, gang_init_method, registry
+from cluster.registry import (
+    REPORT_PERIOD_S,
+    RankListing,
+    RankPublisher,
+    forget_rank,
+    gang_init_method,
+    list_ranks,
+)
 from router.channels import RankDirectory
 from router.metrics import RouterMetrics
 from router.openai_api import OpenAIFrontend, openai_ingress
@@ -123,17 +131,17 @@ class _RankServer:
         self._reporter.start()
 
     def _report(self) -> None:
-        """Publish where this rank listens every REPORT_PERIOD_S (the registry may restart:
-        re-found by name) and update the metrics every METRICS_PERIOD_S."""
-        client, metrics_at = RegistryClient(self._app), 0.0
+        """Publish where this rank listens every REPORT_PERIOD_S and update the metrics every
+        METRICS_PERIOD_S."""
+        publisher, metrics_at = RankPublisher(self._app), 0.0
         while not self._stop.wait(REPORT_PERIOD_S):
             try:
-                client.publish_rank(self.serving.address)
+                publisher.publish(self.serving.address)
                 status = self.serving.rank.snapshot.status
                 if status is not None and time.monotonic() - metrics_at >= METRICS_PERIOD_S:
                     metrics_at = time.monotonic()
                     self._metrics.update(status)
-            except Exception as e:  # keep trying: the registry comes back
+            except Exception as e:  # keep trying: GCS comes back
                 log.warning("rank report failed: %r", e)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -157,8 +165,8 @@ class _RankServer:
         self._stop.set()
         rank = self.serving.rank
         with contextlib.suppress(Exception):
-            address = self.serving.address  # the gang is leaving: its rendezvous goes too
-            registry(self._app).forget.remote(address.replica_id, address.gang_id)
+            # the gang is leaving: its rendezvous goes too
+            forget_rank(self._app, self.serving.address, gang_leaving=True)
         rank.drain(self._grace_s)
         deadline = time.monotonic() + self._grace_s + 5
         while rank.num_held and time.monotonic() < deadline and rank.failed is None:
@@ -192,16 +200,16 @@ class RouterServer:
         peer_id = f"router-{ctx.replica_id.unique_id}"
         r = cfg.router
         directories: list[RankDirectory] = []
-        registry_client = RegistryClient(app)
+        listing = RankListing()
 
-        async def list_ranks() -> list[RankAddress]:
-            return await registry_client.ranks()
+        async def live_ranks() -> list[RankAddress]:  # GCS calls block: off the event loop
+            return await asyncio.to_thread(list_ranks, app, listing)
 
         def directory() -> RankDirectory:  # made on the front door's event loop
             if not directories:
                 directories.append(
                     RankDirectory(
-                        list_ranks,
+                        live_ranks,
                         peer_id,
                         block_size=cfg.decode.block_size,
                         rank_timeout_s=r.rank_timeout_s,
