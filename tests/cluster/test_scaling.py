@@ -28,6 +28,7 @@ import yaml
 from ray import serve
 
 from cluster.app import APP_NAME
+from cluster.embedded import RAY_ENV
 from cluster.launch import wait_running
 from cluster.net import free_port
 from cluster.tiny import make_tiny
@@ -47,9 +48,9 @@ def ray_cluster():
     a driver. Stopped by signalling that process group, never `ray stop` (every Ray here)."""
     gcs, dashboard = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit
-    # token auth off for this throwaway local cluster: `ray start` enables it by default, while a
-    # driver connecting by address here does not send the token
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    # RAY_ENV as on a KubeRay head; token auth off for this throwaway local cluster: `ray start`
+    # enables it by default, while a driver connecting by address here does not send the token
+    env = {**RAY_ENV, **os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     log = open(Path(temp) / "ray-start.log", "w+")  # noqa: SIM115 (closed in the finally)
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
