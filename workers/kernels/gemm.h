@@ -24,6 +24,9 @@ MOE_INLINE void tile(const float* a, int64_t lda, const float* w, int64_t ldw, f
     for (int j = 0; j < C; ++j) acc[r][j] = v8f{};
   const int64_t k8 = k - k % 8;
   for (int64_t p = 0; p < k8; p += 8) {
+    if ((p & 15) == 0) {  // one line of each W row, 1 KB ahead (a cold W streams from memory)
+      for (int j = 0; j < C; ++j) __builtin_prefetch(w + j * ldw + p + 256);
+    }
     v8f av[R];
     for (int r = 0; r < R; ++r) av[r] = load8(a + r * lda + p);
     for (int j = 0; j < C; ++j) {
@@ -60,7 +63,9 @@ MOE_INLINE void nt_gemm(const float* a, int64_t lda, const float* w, int64_t ldw
 // product is bound by W's traffic, and one stream per panel keeps the hardware prefetcher
 // ahead where 16 separate row streams did not (1.3-1.5x at 4-16 rows on cold weights).
 // A tile of R rows x 16 outputs: per k, two loads of W and R broadcasts of A feed 2R FMAs.
-constexpr int PACK = 16, PR = 6;  // 12 accumulators + 2 W + 1 broadcast
+// Most rows per tile: 6 with 16 vector registers (12 accumulators + 2 W + 1 broadcast), 12 with
+// AVX-512's 32 (24 + 3; AVX-512VL gives the 8-wide vectors the upper 16 registers too).
+constexpr int PACK = 16, PR = 6, PR_WIDE = 12;
 
 template <int R>
 MOE_INLINE void packed_tile(const float* a, int64_t lda, const float* wp, float* c, int64_t ldc,
@@ -68,6 +73,7 @@ MOE_INLINE void packed_tile(const float* a, int64_t lda, const float* wp, float*
   v8f acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = v8f{};
   for (int64_t p = 0; p < k; ++p) {
+    __builtin_prefetch(wp + (p + 64) * PACK);
     const v8f w0 = load8(wp + p * PACK), w1 = load8(wp + p * PACK + 8);
     for (int r = 0; r < R; ++r) {
       const float s = a[r * lda + p];
@@ -85,24 +91,33 @@ MOE_INLINE void packed_tile(const float* a, int64_t lda, const float* wp, float*
   }
 }
 
-// a [M, K] (lda), wp [ceil(N / 16), K, 16] (packed W), c [M, N] (ldc).
+// packed_tile<m> for a run-time m in [1, R].
+template <int R>
+MOE_INLINE void packed_rows(const float* a, int64_t lda, const float* wp, float* c, int64_t ldc,
+                            int64_t m, int64_t k, int64_t cols) {
+  if constexpr (R > 0) {
+    if (m == R) {
+      packed_tile<R>(a, lda, wp, c, ldc, k, cols);
+    } else {
+      packed_rows<R - 1>(a, lda, wp, c, ldc, m, k, cols);
+    }
+  }
+}
+
+// a [M, K] (lda), wp [ceil(N / 16), K, 16] (packed W), c [M, N] (ldc). The M rows are cut in
+// equal tiles of at most MAXR (8 rows: one tile of 8 with 32 registers, 4 + 4 with 16, not
+// 6 + 2, whose 2-row pass waits on its 4 accumulators' FMA latency).
+template <int MAXR>
 MOE_INLINE void packed_gemm(const float* a, int64_t lda, const float* wp, float* c, int64_t ldc,
                             int64_t m, int64_t n, int64_t k) {
+  const int64_t tiles = (m + MAXR - 1) / MAXR;
+  const int64_t per = tiles ? (m + tiles - 1) / tiles : 0;
   for (int64_t q = 0; q * PACK < n; ++q) {
     const float* w = wp + q * k * PACK;
     float* cq = c + q * PACK;
     const int64_t cols = std::min<int64_t>(PACK, n - q * PACK);
-    int64_t r = 0;
-    for (; r + PR <= m; r += PR) packed_tile<PR>(a + r * lda, lda, w, cq + r * ldc, ldc, k, cols);
-    const float* ar = a + r * lda;
-    float* cr = cq + r * ldc;
-    switch (m - r) {
-      case 1: packed_tile<1>(ar, lda, w, cr, ldc, k, cols); break;
-      case 2: packed_tile<2>(ar, lda, w, cr, ldc, k, cols); break;
-      case 3: packed_tile<3>(ar, lda, w, cr, ldc, k, cols); break;
-      case 4: packed_tile<4>(ar, lda, w, cr, ldc, k, cols); break;
-      case 5: packed_tile<5>(ar, lda, w, cr, ldc, k, cols); break;
-      default: break;
+    for (int64_t r = 0; r < m; r += per) {
+      packed_rows<MAXR>(a + r * lda, lda, w, cq + r * ldc, ldc, std::min(per, m - r), k, cols);
     }
   }
 }

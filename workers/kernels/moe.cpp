@@ -45,7 +45,9 @@ struct Ffn {
   }
 };
 
-// One item on the small-M path; buf holds [rows, H] gathered rows then [rows, 2I].
+// One item on the small-M path; buf holds [rows, H] gathered rows then [rows, 2I]. MAXR: rows
+// per packed tile (gemm.h), by the instruction set's register count.
+template <int MAXR>
 MOE_INLINE void small_item(const Ffn& f, const Item& it, float* buf) {
   const int64_t h = f.h, i = f.i, n = it.rows;
   float* xg = buf;              // [n, H]
@@ -56,7 +58,7 @@ MOE_INLINE void small_item(const Ffn& f, const Item& it, float* buf) {
   }
   const float* w13 = f.w13 + it.expert * f.rows(2 * i) * h;
   if (f.packed) {
-    gemm::packed_gemm(xg, h, w13, hg, 2 * i, n, 2 * i, h);
+    gemm::packed_gemm<MAXR>(xg, h, w13, hg, 2 * i, n, 2 * i, h);
   } else {
     gemm::nt_gemm(xg, h, w13, h, hg, 2 * i, n, 2 * i, h);
   }
@@ -74,15 +76,20 @@ MOE_INLINE void small_item(const Ffn& f, const Item& it, float* buf) {
   }
   const float* w2 = f.w2 + it.expert * f.rows(h) * i;
   if (f.packed) {
-    gemm::packed_gemm(hg, 2 * i, w2, f.ys + it.start * h, h, n, h, i);
+    gemm::packed_gemm<MAXR>(hg, 2 * i, w2, f.ys + it.start * h, h, n, h, i);
   } else {
     gemm::nt_gemm(hg, 2 * i, w2, i, f.ys + it.start * h, h, n, h, i);
   }
 }
 
 using SmallFn = void (*)(const Ffn&, const Item&, float*);
-MOE_ISA_VARIANTS(small_item, small_item, (const Ffn& f, const Item& it, float* buf),
-                 (f, it, buf))
+MOE_AVX512 void small_item_avx512(const Ffn& f, const Item& it, float* buf) {
+  small_item<gemm::PR_WIDE>(f, it, buf);
+}
+MOE_AVX2 void small_item_avx2(const Ffn& f, const Item& it, float* buf) {
+  small_item<gemm::PR>(f, it, buf);
+}
+void small_item_base(const Ffn& f, const Item& it, float* buf) { small_item<gemm::PR>(f, it, buf); }
 
 }  // namespace
 
