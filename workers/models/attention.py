@@ -172,12 +172,14 @@ def _part(
     q = int(new_t.max())
     cached_t = torch.as_tensor(num_cached, dtype=torch.int64)  # [b]
     ctx = cached_t + new_t
-    width = int(ctx.max())
+    ctx_list = ctx.tolist()
+    width = max(ctx_list)
     nb = (width + block_size - 1) // block_size
-    tables = torch.zeros(b, nb, dtype=torch.int64)
-    for i, table in enumerate(block_tables):
-        used = (int(ctx[i]) + block_size - 1) // block_size
-        tables[i, :used] = torch.as_tensor(table[:used], dtype=torch.int64)
+    used = [(c + block_size - 1) // block_size for c in ctx_list]
+    tables = torch.tensor(  # [b, nb]: one tensor from Python lists, not a copy per sequence
+        [[*table[:u], *([0] * (nb - u))] for table, u in zip(block_tables, used, strict=True)],
+        dtype=torch.int64,
+    )
     offsets = torch.arange(block_size, dtype=torch.int64)
     context_slots = (tables[:, :, None] * block_size + offsets).reshape(b, nb * block_size)
     context_slots = context_slots[:, :width]  # [b, L]
