@@ -78,7 +78,8 @@ with torch.no_grad():
     ref, lo = torch.zeros_like(x), 0
     for e, c in enumerate(counts):
         rows = tokens[lo : lo + c]
-        g = F.silu(x[rows] @ w13[e, :i].t()) * (x[rows] @ w13[e, i:].t()) * weights[lo : lo + c, None]
+        h13 = x[rows] @ w13[e].t()
+        g = F.silu(h13[:, :i]) * h13[:, i:] * weights[lo : lo + c, None]
         ref.index_add_(0, rows, g @ w2[e].t())
         lo += c
 torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
