@@ -144,3 +144,10 @@ def test_every_kernel_on_the_baseline_instruction_set():
         [sys.executable, "-c", BASELINE], env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_an_older_build_can_be_named_and_the_build_ignores_it(monkeypatch):
+    current = kernels.build_dir()
+    monkeypatch.setenv("MOE_KERNELS_BUILD", "0123456789abcdef")
+    assert kernels.build_dir().name == "0123456789abcdef"
+    assert kernels.build_dir(pinned=False) == current

@@ -41,7 +41,12 @@ SOURCES = [
 NAME = "moe_kernels"
 
 
-def build_dir() -> Path:
+def build_dir(pinned: bool = True) -> Path:
+    """`_build/<hash of the sources and torch's version>/`; `MOE_KERNELS_BUILD=<hash>` loads an
+    older build instead (benchmarks: a change against the build before it, in one window);
+    `pinned=False`: the current sources' directory whatever the environment (the build)."""
+    if pinned and os.environ.get("MOE_KERNELS_BUILD"):
+        return HERE / "_build" / os.environ["MOE_KERNELS_BUILD"]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES))
     digest.update(torch.__version__.encode())
     return HERE / "_build" / digest.hexdigest()[:16]

@@ -13,7 +13,7 @@ from workers.kernels import NAME, SOURCES, build_dir
 
 
 def main() -> int:
-    out = build_dir()
+    out = build_dir(pinned=False)  # never into an older build named by MOE_KERNELS_BUILD
     if any(out.glob(f"{NAME}*.so")):
         print(f"kernels: up to date ({out})")
         return 0
