@@ -85,6 +85,7 @@ class ExpertParallelGroup:
                 init_method=init,
                 dtype=dtype,
                 threads=1,
+                pin_cores=not device.startswith("cuda"),  # workers/cores.py: a core per rank
                 device=device,
                 backend=backend,
                 num_redundant=num_redundant,

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from workers.cores import pin_rank
 from workers.engine import EngineConfig, EngineStats, RequestOutput, SamplingParams
 from workers.engine.build import build_engine
 from workers.engine.lockstep import Lockstep
@@ -79,7 +80,10 @@ class ExpertParallelRank:
         backend: str = "auto",
         num_redundant: int | None = None,
         load_window: int = 128,
+        pin_cores: bool = False,
     ) -> None:
+        if pin_cores:  # before the group starts its gloo threads: they inherit the cores
+            pin_rank(rank, threads)
         torch.set_num_threads(threads)
         self.rank, self.world_size = rank, world_size
         self.backend = resolve_backend(backend, device)

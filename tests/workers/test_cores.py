@@ -1,0 +1,44 @@
+"""Each rank of a CPU expert-parallel group on cores of its own (workers/cores.py)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from workers.cores import pin_rank, rank_cores
+
+
+def test_ranks_get_consecutive_cores_of_what_is_available():
+    assert rank_cores(0, 1, [0, 1]) == [0]
+    assert rank_cores(1, 1, [1, 0]) == [1]
+    assert rank_cores(1, 2, [3, 5, 7, 9]) == [7, 9]  # by position in the sorted set, not id
+
+
+@pytest.mark.parametrize(
+    ("rank", "threads", "available"), [(2, 1, [0, 1]), (1, 2, [0, 1, 2]), (0, 0, [0]), (-1, 1, [0])]
+)
+def test_too_few_cores_pin_nothing(rank, threads, available):
+    assert rank_cores(rank, threads, available) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
+def test_pinning_covers_the_threads_started_after_it():
+    seen: dict[str, object] = {}
+
+    def worker() -> None:
+        cores = pin_rank(0, 1)
+        child = threading.Thread(target=lambda: seen.update(child=os.sched_getaffinity(0)))
+        child.start()
+        child.join(10)
+        seen.update(cores=cores, own=os.sched_getaffinity(0))
+
+    before = os.sched_getaffinity(0)
+    t = threading.Thread(target=worker)  # a thread of its own: the test process keeps its cores
+    t.start()
+    t.join(10)
+    first = {sorted(before)[0]}
+    assert seen["cores"] == sorted(first)
+    assert seen["own"] == first and seen["child"] == first
+    assert os.sched_getaffinity(0) == before
