@@ -42,3 +42,11 @@ def test_pinning_covers_the_threads_started_after_it():
     assert seen["cores"] == sorted(first)
     assert seen["own"] == first and seen["child"] == first
     assert os.sched_getaffinity(0) == before
+
+
+def test_served_ranks_pin_only_on_cpu_under_core_turns():
+    from workers.rank.build import turn_pinning
+
+    assert turn_pinning("moe-turn", "cpu")
+    assert not turn_pinning(None, "cpu")  # without turns several gangs may step at once
+    assert not turn_pinning("moe-turn", "cuda:0")

@@ -17,7 +17,7 @@ from workers.rank.openmp import release_thread_pool
 from workers.rank.rank import GangMember, Rank
 from workers.rank.transport import KVStore, PeerKVTransport
 
-__all__ = ["ServingRank", "start_rank"]
+__all__ = ["ServingRank", "start_rank", "turn_pinning"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,11 @@ class ServingRank:
             self.rank.stop(timeout_s, graceful=graceful)
         finally:
             self.channel.close()
+
+
+def turn_pinning(core_turn: str | None, device: str) -> bool:
+    """Whether a gang's ranks take cores of their own: CPU ranks stepping under core turns."""
+    return core_turn is not None and device == "cpu"
 
 
 def start_rank(
@@ -80,6 +85,9 @@ def start_rank(
             timeout_s=max(120.0, collective_timeout_s),
             collective_timeout_s=collective_timeout_s,
             device=device,
+            # under core turns one gang of the node steps at a time: rank r on its own cores
+            # (workers/cores.py); its loop, gloo and channel threads start after and inherit them
+            pin_cores=turn_pinning(core_turn, device),
         )
         rank = Rank(
             ep.engine,
