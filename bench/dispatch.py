@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from workers.cores import pin_rank
 from workers.moe.dispatch import AllToAllDispatcher
 from workers.moe.gating import grouped_sigmoid_topk
 
@@ -53,6 +54,8 @@ def timed(fn, iters: int, warmup: int = 3) -> list[float]:
 
 
 def run_rank(rank: int, world: int, args: argparse.Namespace, tmp: str) -> None:
+    if args.pin:  # as the offline EP group and served gangs do (workers/cores.py)
+        pin_rank(rank, 1)
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -106,6 +109,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256, help="tokens per rank")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument(
+        "--pin", action=argparse.BooleanOptionalAction, default=True, help="a core per rank"
+    )
     args = p.parse_args()
     print(
         f"E={E} top-{K} ({GROUPS} groups, top-{TOPK_GROUPS}), T={args.tokens}/rank, "
