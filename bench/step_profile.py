@@ -60,7 +60,9 @@ def main() -> None:
         )
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", params, prompt_token_ids=p)
-    engine.step()  # the prefill step
+    engine.step()
+    while any(n > 1 for _, _, n in engine.last_batch):  # 4,096 prompt tokens: two prefill steps
+        engine.step()
     spent.clear()
     start, steps = time.perf_counter(), 0
     while engine.has_unfinished():
