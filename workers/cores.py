@@ -34,7 +34,7 @@ def pin_rank(rank: int, threads: int) -> list[int] | None:
     process's CPUs; returns them, or None where it pinned nothing (too few CPUs, no Linux)."""
     if not hasattr(os, "sched_setaffinity"):
         return None
-    cores = rank_cores(rank, threads, sorted(os.sched_getaffinity(0)))
+    cores = rank_cores(rank, threads, list(os.sched_getaffinity(0)))
     if cores is not None:
         os.sched_setaffinity(0, cores)
         log.info("rank %d pinned to cores %s", rank, cores)

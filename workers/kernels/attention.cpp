@@ -53,6 +53,16 @@ constexpr int64_t AHEAD = 8;  // rows prefetched ahead
 // time, each read once for all G heads while it sits in L1 (MLA: G = every query head over one
 // 576-float latent row); softmax; then the weighted sum of values, per head, with the output
 // block held in registers across the context.
+// q . k, summed as each lane of dot4 is (the context's last len % 4 rows).
+MOE_INLINE float dot1(const float* q, const float* k, int64_t dk) {
+  const int64_t dk8 = dk - dk % 8;
+  v8f c{};
+  for (int64_t i = 0; i < dk8; i += 8) c += load8(q + i) * load8(k + i);
+  float d = hsum8(c);
+  for (int64_t i = dk8; i < dk; ++i) d += q[i] * k[i];
+  return d;
+}
+
 MOE_INLINE void dot4(const float* q, const float* k0, const float* k1, const float* k2,
                      const float* k3, int64_t dk, float scale, float* out) {
   const int64_t dk8 = dk - dk % 8;
@@ -124,15 +134,7 @@ MOE_INLINE void attend_item(const Layout& a, int64_t s, int64_t h, float* scores
   }
   for (; p < len; ++p) {
     const float* k = key_row(a, sl[p], h);
-    const int64_t dk8 = dk - dk % 8;
-    for (int64_t j = 0; j < g; ++j) {  // summed as in dot4
-      const float* qj = q0 + j * dk;
-      v8f c{};
-      for (int64_t i = 0; i < dk8; i += 8) c += load8(qj + i) * load8(k + i);
-      float d = hsum8(c);
-      for (int64_t i = dk8; i < dk; ++i) d += qj[i] * k[i];
-      scores[j * len + p] = d * a.scale;
-    }
+    for (int64_t j = 0; j < g; ++j) scores[j * len + p] = dot1(q0 + j * dk, k, dk) * a.scale;
   }
   for (int64_t j = 0; j < g; ++j) {
     float* sj = scores + j * len;
