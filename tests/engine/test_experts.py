@@ -48,7 +48,12 @@ def _routing(t: int, k: int, seed: int = 1):
 
 def _run(m, x, ids, w, monkeypatch, path: str | None = None) -> torch.Tensor:
     """Forward, asserting which path ran (`path`) or forcing one (`force_` prefix); "kernel":
-    the fused C++ kernel (built by `make install`)."""
+    the fused C++ kernel (built by `make install`); "grouped": torch._grouped_mm (chosen on CUDA
+    in bf16, forced here: torch runs it on the CPU too)."""
+    if path == "grouped":
+        if not hasattr(torch, "_grouped_mm"):
+            pytest.skip("this torch has no _grouped_mm")
+        m.use_grouped_mm = True
     if path == "kernel":
         if kernels.kernel("routed_ffn") is None:
             pytest.skip("the C++ kernels are not built here")
@@ -57,7 +62,7 @@ def _run(m, x, ids, w, monkeypatch, path: str | None = None) -> torch.Tensor:
         path = path.removeprefix("force_")
         monkeypatch.setattr(experts_mod, "_use_padded", lambda counts: path == "padded")
     ran: list[str] = []
-    for name in ("_padded", "_looped"):
+    for name in ("_padded", "_looped", "_grouped"):
         orig = getattr(RoutedExperts, name)
         monkeypatch.setattr(
             RoutedExperts, name, lambda self, *a, _o=orig, _n=name: ran.append(_n) or _o(self, *a)
@@ -66,6 +71,8 @@ def _run(m, x, ids, w, monkeypatch, path: str | None = None) -> torch.Tensor:
         y = m(x, ids, w)
     if path in ("padded", "looped"):
         assert ran == [f"_{path}"]
+    if path == "grouped":
+        assert ran == ["_grouped"] or x.shape[0] == 0 or not len(m.owned), ran
     if path == "kernel":
         assert ran == [] or x.shape[0] == 0 or not len(m.owned), ran
     assert y.shape == x.shape and y.dtype == x.dtype
@@ -75,7 +82,7 @@ def _run(m, x, ids, w, monkeypatch, path: str | None = None) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("t", "path"),
     [(16, "padded"), (400, "looped"), (1, "looped"), (16, "force_looped"), (16, "kernel")]
-    + [(400, "kernel"), (1, "kernel")],
+    + [(400, "kernel"), (1, "kernel"), (1, "grouped"), (16, "grouped"), (400, "grouped")],
 )
 def test_random_routing_matches_reference(t, path, monkeypatch):
     m = _experts(range(E))
@@ -85,7 +92,7 @@ def test_random_routing_matches_reference(t, path, monkeypatch):
     torch.testing.assert_close(y.double(), _reference(m, x, ids, w), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["force_padded", "force_looped", None])
+@pytest.mark.parametrize("path", ["force_padded", "force_looped", None, "grouped"])
 @pytest.mark.parametrize("t", [24, 300])
 def test_experts_owned_elsewhere_contribute_nothing(t, path, monkeypatch):
     m = _experts([1, 4, 6])
@@ -98,7 +105,7 @@ def test_experts_owned_elsewhere_contribute_nothing(t, path, monkeypatch):
     assert none_owned.any() and (y[none_owned] == 0).all()
 
 
-@pytest.mark.parametrize("path", ["force_padded", "force_looped", None, "kernel"])
+@pytest.mark.parametrize("path", ["force_padded", "force_looped", None, "kernel", "grouped"])
 def test_all_tokens_to_one_expert(path, monkeypatch):
     m = _experts(range(E))
     x = torch.randn(64, H, generator=torch.Generator().manual_seed(4))
@@ -107,9 +114,11 @@ def test_all_tokens_to_one_expert(path, monkeypatch):
     torch.testing.assert_close(y.double(), _reference(m, x, ids, w), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("path", [None, "grouped"])
 @pytest.mark.parametrize("owned", [range(E), []])
-def test_no_tokens_or_no_owned_experts(owned, monkeypatch):
+def test_no_tokens_or_no_owned_experts(owned, path, monkeypatch):
     m = _experts(owned)
+    m.use_grouped_mm = path == "grouped"
     x0 = torch.randn(0, H)
     assert _run(
         m, x0, torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2), monkeypatch
@@ -120,7 +129,9 @@ def test_no_tokens_or_no_owned_experts(owned, monkeypatch):
     torch.testing.assert_close(y.double(), _reference(m, x, ids, w), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("t", "path"), [(16, "padded"), (400, "looped"), (400, "kernel")])
+@pytest.mark.parametrize(
+    ("t", "path"), [(16, "padded"), (400, "looped"), (400, "kernel"), (400, "grouped")]
+)
 def test_bf16(t, path, monkeypatch):
     m = _experts(range(E), torch.bfloat16)
     x = torch.randn(t, H, generator=torch.Generator().manual_seed(5)).bfloat16()
@@ -135,6 +146,12 @@ def test_kernels_are_built_where_a_compiler_is():
     if shutil.which("c++") is None or shutil.which("ninja") is None:
         pytest.skip("no C++ toolchain here: the torch paths run")
     assert kernels.kernel("routed_ffn") is not None, "run: python -m workers.kernels.build"
+
+
+def test_grouped_mm_only_on_cuda_bf16_by_default(monkeypatch):
+    m = _experts(range(E))
+    assert not m._grouped_mm_on(torch.zeros(1, H))
+    assert not m._grouped_mm_on(torch.zeros(1, H, dtype=torch.bfloat16))  # CPU: the C++ paths
 
 
 def test_kernel_off_switch(monkeypatch):

@@ -8,6 +8,7 @@ Checkpoints store them per expert (`{prefix}.{e}.gate_proj.weight` ...); see `ch
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -53,6 +54,9 @@ class RoutedExperts(nn.Module):
         self.layer_index = 0  # this MoE layer's position among the model's MoE layers
         self.expert_load: ExpertLoad | None = None  # model-wide; see CausalLM.track_expert_load
         self.use_kernel = True  # the fused C++ kernel when built (else the torch paths below)
+        # torch._grouped_mm over all owned experts (one launch per projection, no host sync);
+        # None: on CUDA in bf16 where torch has it (MOE_GROUPED_MM=0 turns that off)
+        self.use_grouped_mm: bool | None = None
         # w13/w2 in the kernel's packed-panel layout, made on the kernel's first fp32 CPU call
         # and again whenever the weights change (load, rebalance): a second copy of the expert
         # weights, for ~1.3-1.5x on the few-row products of decode steps (workers/kernels).
@@ -146,6 +150,8 @@ class RoutedExperts(nn.Module):
         el = len(self.owned)
         if t == 0 or el == 0:
             return torch.zeros_like(x)
+        if self._grouped_mm_on(x):
+            return self._grouped(x, topk_ids, topk_weights)
         local = self.expert_map[topk_ids].flatten()  # [T*K] local expert, -1 if owned elsewhere
         local, order = torch.sort(local, stable=True)  # order: [T*K] flat (token, k) positions
         counts = torch.bincount(local + 1, minlength=el + 1).tolist()  # [1 + El]; [0]: not ours
@@ -162,6 +168,35 @@ class RoutedExperts(nn.Module):
         if _use_padded(counts):
             return self._padded(x, local, tokens, w, counts, cap)
         return self._looped(x, tokens, w, counts)
+
+    def _grouped_mm_on(self, x: torch.Tensor) -> bool:
+        if self.use_grouped_mm is not None:
+            return self.use_grouped_mm
+        return (
+            x.device.type == "cuda"
+            and x.dtype == torch.bfloat16
+            and hasattr(torch, "_grouped_mm")
+            and os.environ.get("MOE_GROUPED_MM", "1") != "0"
+        )
+
+    def _grouped(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Every owned expert in one grouped product per projection (torch._grouped_mm, rows
+        grouped by expert), with no host sync: a pair routed to an expert owned elsewhere goes
+        to local expert 0 with weight 0, so group sizes never leave the device."""
+        el, k = len(self.owned), topk_ids.shape[1]
+        local = self.expert_map[topk_ids].flatten()  # [T*K], -1: owned elsewhere
+        w = topk_weights.flatten() * (local >= 0)  # [T*K]
+        local, order = torch.sort(local.clamp(min=0), stable=True)  # [N = T*K]
+        ends = torch.arange(1, el + 1, device=x.device, dtype=local.dtype)
+        offs = torch.searchsorted(local, ends).to(torch.int32)  # [El] end row of each group
+        tokens = order // k  # [N]
+        w = w.index_select(0, order).to(x.dtype)  # [N]
+        h = torch._grouped_mm(x.index_select(0, tokens), self.w13.transpose(1, 2), offs=offs)
+        g = self._swiglu(h, w[:, None]).contiguous()  # [N, 2I] -> [N, I]
+        y = torch._grouped_mm(g, self.w2.transpose(1, 2), offs=offs)  # [N, H]
+        return torch.zeros_like(x).index_add_(0, tokens, y)
 
     def _panels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The weights packed for the kernel (kernels.pack_panels), current with w13/w2; None
