@@ -14,10 +14,12 @@ together, a step with one 1,000-token chunk and 63 decodes would compute 64 x 1,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from workers import kernels
 
@@ -128,6 +130,18 @@ class AttentionMetadata:
 # padded cells (queries x keys) a part may hold beyond its real ones before a sequence starts a
 # new part: a few decodes or short chunks are cheaper padded together than as separate calls
 PAD_SLACK_CELLS = 1 << 16
+
+
+# On CUDA, attention runs on the flash or memory-efficient kernels, never cuDNN's: torch picks
+# cuDNN first for bf16 on Hopper, and cuDNN builds a graph for each new shape. A step's context
+# lengths change every step, so each call built one: 1.3-5.8 ms of CPU per attention call on an
+# H200, 184 ms per DeepSeek-V3 decode step of one sequence (`python -m bench.cuda_steps`).
+CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa_backends(device: torch.device) -> AbstractContextManager:
+    """The attention kernels a forward on `device` may use (see CUDA_SDPA_BACKENDS)."""
+    return sdpa_kernel(CUDA_SDPA_BACKENDS) if device.type == "cuda" else nullcontext()
 
 
 def padding_groups(num_cached: Sequence[int], num_new: Sequence[int]) -> list[list[int]]:

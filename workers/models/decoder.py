@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from workers.models.attention import AttentionMetadata
+from workers.models.attention import AttentionMetadata, sdpa_backends
 from workers.models.base import CausalLM
 from workers.models.layers import Linear, RMSNorm, rotary_cos_sin
 from workers.models.rope import rope_from_config
@@ -65,6 +65,7 @@ class DecoderLM(CausalLM):
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T, H]
         cos_sin = rotary_cos_sin(meta.positions, self.rope.inv_freq, self.rope.scaling, x.dtype)
-        for layer, cache in zip(self.model.layers, kv_cache, strict=True):
-            x = layer(x, cos_sin, meta, cache)
+        with sdpa_backends(x.device):
+            for layer, cache in zip(self.model.layers, kv_cache, strict=True):
+                x = layer(x, cos_sin, meta, cache)
         return self.model.norm(x)
