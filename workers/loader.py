@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
-from transformers import AutoConfig
 
 from workers.models import model_class
 from workers.models.base import CausalLM
+from workers.models.config import ModelConfig, read_config
 from workers.moe.placement import Placement
 
 __all__ = [
@@ -54,8 +54,9 @@ class CheckpointError(ValueError):
     """The checkpoint directory does not hold what the model needs."""
 
 
-def load_config(model_dir: str | Path) -> Any:
-    """The transformers config of a local checkpoint directory."""
+def load_config(model_dir: str | Path) -> ModelConfig:
+    """The config of a local checkpoint directory: the fields transformers' AutoConfig would
+    give, read without importing transformers (workers/models/config.py)."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(
@@ -63,7 +64,7 @@ def load_config(model_dir: str | Path) -> Any:
             "holding config.json and *.safetensors weights (e.g. `hf download <repo> "
             f"--local-dir {Path(model_dir)}`)"
         )
-    return AutoConfig.from_pretrained(str(Path(model_dir)))
+    return read_config(model_dir)
 
 
 def dequantize_fp8_blocks(

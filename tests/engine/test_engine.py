@@ -187,9 +187,10 @@ def test_redundant_expert_slots_give_the_same_tokens(tiny_checkpoint):
 
 
 def test_detokenizer_fast_route_streams_what_the_wrapper_does(ckpt):
+    from workers.engine.build import load_tokenizer
     from workers.engine.detokenizer import IncrementalDetokenizer
 
-    tok = build_engine(ckpt).tokenizer
+    tok = load_tokenizer(ckpt)  # transformers' (the engine's own is tokenizer.json alone)
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(0, tok.vocab_size, (200,), generator=gen).tolist()
     fast = IncrementalDetokenizer(tok, ids[:3])

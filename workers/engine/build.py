@@ -10,7 +10,7 @@ import torch
 
 from workers.engine.engine import Engine, EngineConfig
 
-__all__ = ["DTYPES", "build_engine", "eos_token_ids", "load_tokenizer"]
+__all__ = ["DTYPES", "build_engine", "engine_tokenizer", "eos_token_ids", "load_tokenizer"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -24,6 +24,16 @@ def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def engine_tokenizer(model_dir: str | Path):
+    """What an engine needs of the tokenizer: tokenizer.json alone where transformers would load
+    it unchanged (workers/engine/tokenizer.py; no transformers import), else load_tokenizer."""
+    from workers.engine.tokenizer import TokenizerJson, plain_tokenizer_json
+
+    if plain_tokenizer_json(model_dir):
+        return TokenizerJson(model_dir)
+    return load_tokenizer(model_dir)
 
 
 def eos_token_ids(model_dir: str | Path, config, tokenizer) -> set[int]:
@@ -63,5 +73,5 @@ def build_engine(
         progress=progress,
         shard=shard,
     )
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = engine_tokenizer(model_dir)
     return Engine(model, config, tokenizer, eos_token_ids(model_dir, model.config, tokenizer))
