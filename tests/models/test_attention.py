@@ -132,3 +132,29 @@ def test_fresh_prompts_of_one_length_use_the_causal_path(heads):
             out.append(torch.stack(heads_out))
         row += n
     torch.testing.assert_close(got, torch.stack(out), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("cached", "new"), [([0, 0], [13, 13]), ([12, 0, 5], [1, 17, 3])], ids=["causal", "masked"]
+)
+def test_values_narrower_than_keys(cached, new):
+    """DeepSeek's expanded MLA: V's head size below Q's and K's (V padded for the CPU flash
+    kernel, the output cut back): each sequence's plain softmax attention."""
+    gen = torch.Generator().manual_seed(4)
+    block, heads, dk, dv = 4, 3, 12, 8
+    tables = [[i * 10 + j for j in range(10)] for i in range(len(new))]
+    cache = torch.randn(40 * block, heads, dk, generator=gen)
+    q = torch.randn(sum(new), heads, dk, generator=gen)
+    meta = AttentionMetadata.build(cached, new, tables, block)
+    assert [p.causal for p in meta.parts] == [len(set(new)) == 1 and not any(cached)]
+    got = paged_attention(q, cache, meta, lambda ctx: (ctx, ctx[..., :dv]), 0.3)
+    out, row = [], 0
+    for c, n, table in zip(cached, new, tables, strict=True):
+        slots = torch.tensor([table[p // block] * block + p % block for p in range(c + n)])
+        k = cache[slots]  # [L, H, Dk]
+        for j in range(n):
+            s = torch.einsum("hd,lhd->hl", q[row + j], k[: c + j + 1]) * 0.3
+            out.append(torch.einsum("hl,lhd->hd", s.softmax(-1), k[: c + j + 1, :, :dv]))
+        row += n
+    assert got.shape == (sum(new), heads, dv)
+    torch.testing.assert_close(got, torch.stack(out), atol=1e-5, rtol=0)

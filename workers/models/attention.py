@@ -266,6 +266,12 @@ def _attend(
     b, _, hkv, dk = k.shape
     hq, dv = q.shape[1], v.shape[-1]
     g = hq // hkv
+    if dv < dk and q.device.type == "cpu":
+        # torch's CPU flash kernel needs V's head size equal to Q's and K's; otherwise SDPA
+        # takes its math path (the [Q, L] scores in memory, then softmax and NaN checks over
+        # them). DeepSeek's expanded MLA (q/k 192, v 128): V padded with zeros, its output cut
+        # back: 3,000-token prefill of the peer shape 3.1 -> ~1 s (`bench.long_prefill`).
+        v = F.pad(v, (0, dk - dv))
     qp = q[part.query_index]  # [b, Q, Hq, Dk]
     nq = qp.shape[1]
     if part.causal:  # whole prompts of one length: the flash kernel's causal mask, no bool mask
@@ -273,13 +279,13 @@ def _attend(
         kh, vh = k.transpose(1, 2), v.transpose(1, 2)  # [b, Hkv, L, D]
         out = F.scaled_dot_product_attention(
             qh, kh, vh, is_causal=True, scale=scale, enable_gqa=g > 1
-        )  # [b, Hq, Q, Dv]
+        )[..., :dv]  # [b, Hq, Q, Dv]
         return out.transpose(1, 2).reshape(b * nq, hq, dv)[part.token_index]
     qg = qp.view(b, nq, hkv, g, dk).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * nq, dk)
     assert part.mask is not None
     mask = part.mask if g == 1 else part.mask.repeat(1, 1, g, 1)  # [b, 1, G*Q, L]
     out = F.scaled_dot_product_attention(
         qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
-    )  # [b, Hkv, G*Q, Dv]
-    out = out.view(b, hkv, g, nq, dv).permute(0, 3, 1, 2, 4).reshape(b * nq, hq, dv)
+    )[..., :dv]  # [b, Hkv, G*Q, Dv]
+    out = out.reshape(b, hkv, g, nq, dv).permute(0, 3, 1, 2, 4).reshape(b * nq, hq, dv)
     return out[part.token_index]
