@@ -8,8 +8,9 @@ family's attribute aliases (`num_experts` is Qwen3's and Mixtral's `num_local_ex
 `num_local_experts` is DeepSeek-V3's `n_routed_experts`) and RoPE parameters standardized as
 transformers 5 does (a legacy `rope_scaling` + top-level `rope_theta` become one
 `rope_parameters` dict with `rope_type`, `rope_theta` and, for scaled types,
-`original_max_position_embeddings`). `tests/models/test_model_config.py` compares every field the model
-code reads with transformers' for the tiny checkpoints and for minimal and legacy configs.
+`original_max_position_embeddings`). `tests/models/test_model_config.py` compares every field
+the model code reads with transformers' for the tiny checkpoints and for minimal and legacy
+configs.
 """
 
 from __future__ import annotations
