@@ -150,6 +150,10 @@ def main_peers(args) -> None:
                 print(f"{arch}: ours / {peer}: generate {g / pg:.2f}x, whole process {w / pw:.2f}x")
 
 
+def shape_params(arch: str, shape: str) -> int:
+    return param_count(arch, "bench", PEER_SHAPES[arch] if shape == "peer" else None)
+
+
 DEVICE = "cpu"  # --device
 DTYPE = "float32"  # --dtype
 
@@ -225,7 +229,7 @@ def main_ep(args) -> None:
     sizes = [int(e) for e in args.ep.split(",")]
     rows = []
     for arch in args.arch.split(","):
-        path = checkpoint(arch)
+        path = checkpoint(arch, args.shape)
         gen = torch.Generator().manual_seed(0)
         prompts = torch.randint(3, 500, (args.prompts, args.prompt_len), generator=gen).tolist()
         warm = torch.randint(3, 500, (args.prompts, args.prompt_len), generator=gen).tolist()
@@ -275,7 +279,7 @@ def main() -> None:
         return
     rows = []
     for arch in args.arch.split(","):
-        path = checkpoint(arch)
+        path = checkpoint(arch, args.shape)
         gen = torch.Generator().manual_seed(0)
         prompts = torch.randint(3, 500, (args.prompts, args.prompt_len), generator=gen).tolist()
         total = args.prompts * args.new_tokens
@@ -287,7 +291,7 @@ def main() -> None:
             a == b for x, y in zip(ours, theirs, strict=True) for a, b in zip(x, y, strict=True)
         )
         rows.append(
-            (arch, param_count(arch, "bench") / 1e6, total / t_ours, total / t_hf, same, total)
+            (arch, shape_params(arch, args.shape) / 1e6, total / t_ours, total / t_hf, same, total)
         )
     print(
         f"\n{args.prompts} prompts x {args.prompt_len} prompt tokens x {args.new_tokens} new "
