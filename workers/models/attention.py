@@ -269,8 +269,9 @@ def _attend(
     if dv < dk and q.device.type == "cpu":
         # torch's CPU flash kernel needs V's head size equal to Q's and K's; otherwise SDPA
         # takes its math path (the [Q, L] scores in memory, then softmax and NaN checks over
-        # them). DeepSeek's expanded MLA (q/k 192, v 128): V padded with zeros, its output cut
-        # back: 3,000-token prefill of the peer shape 3.1 -> ~1 s (`bench.long_prefill`).
+        # them). DeepSeek's expanded MLA (q/k 192, v 128; 96 / 64 in the peer shape): V padded
+        # with zeros, its output cut back: the peer shape's 3,000-token prefill 2.74 s ->
+        # 1.40-1.59 s (`python -m bench.long_prefill`).
         v = F.pad(v, (0, dk - dv))
     qp = q[part.query_index]  # [b, Q, Hq, Dk]
     nq = qp.shape[1]

@@ -23,6 +23,10 @@ from workers.moe.placement import Placement, route_to_slots
 __all__ = ["RoutedExperts"]
 
 
+# torch._grouped_mm exists here and MOE_GROUPED_MM=0 does not turn it off (read once)
+_GROUPED_MM = hasattr(torch, "_grouped_mm") and os.environ.get("MOE_GROUPED_MM", "1") != "0"
+
+
 def _use_padded(counts: list[int]) -> bool:
     """counts [El] rows per owned expert. Few rows each (decode): one padded bmm over all owned
     experts beats a loop of tiny matmuls, but it streams every expert's weights, so only when
@@ -55,8 +59,8 @@ class RoutedExperts(nn.Module):
         self.expert_load: ExpertLoad | None = None  # model-wide; see CausalLM.track_expert_load
         self.use_kernel = True  # the fused C++ kernel when built (else the torch paths below)
         # torch._grouped_mm over all owned experts (one launch per projection, no host sync);
-        # None: on CUDA in bf16 where torch has it (MOE_GROUPED_MM=0 turns that off)
-        self.use_grouped_mm: bool | None = None
+        # None: on CUDA in bf16 where torch has it; MOE_GROUPED_MM=0 turns that off
+        self.use_grouped_mm: bool | None = None if _GROUPED_MM else False
         # w13/w2 in the kernel's packed-panel layout, made on the kernel's first fp32 CPU call
         # and again whenever the weights change (load, rebalance): a second copy of the expert
         # weights, for ~1.3-1.5x on the few-row products of decode steps (workers/kernels).
@@ -172,12 +176,7 @@ class RoutedExperts(nn.Module):
     def _grouped_mm_on(self, x: torch.Tensor) -> bool:
         if self.use_grouped_mm is not None:
             return self.use_grouped_mm
-        return (
-            x.device.type == "cuda"
-            and x.dtype == torch.bfloat16
-            and hasattr(torch, "_grouped_mm")
-            and os.environ.get("MOE_GROUPED_MM", "1") != "0"
-        )
+        return x.device.type == "cuda" and x.dtype == torch.bfloat16
 
     def _grouped(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
