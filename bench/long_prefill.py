@@ -5,6 +5,11 @@
 The issue-12 peer shapes (`bench/offline.py --shape peer`, 4k context), fp32, this process's
 torch threads; best of --repeat after a warm-up, same weights, same random prompt, our prefix
 cache off.
+
+The floor: the prompt's matmul FLOPs (projections, routed + shared experts, causal attention's
+QK^T and PV; counted from config.json, `prefill_flops`) at the best fp32 sgemm rate this process
+reaches (`sgemm_rate`, large GEMMs on the same threads). No kernel can prefill faster than that
+without changing the arithmetic, so `transformers / floor` is the most any fp32 engine can gain.
 """
 
 from __future__ import annotations
@@ -17,6 +22,42 @@ import torch
 from bench.offline import checkpoint
 from workers.engine import EngineConfig, SamplingParams
 from workers.engine.build import build_engine
+from workers.models.config import read_config
+
+
+def prefill_flops(model_dir, tokens: int) -> float:
+    """fp32 matmul FLOPs of one causal prefill of `tokens` tokens (logits of the last only)."""
+    c = read_config(model_dir)
+    h, n_heads = c.hidden_size, c.num_attention_heads
+    if c.model_type == "deepseek_v3":  # MLA, expanded for prefill
+        qk, v = c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim
+        q = h * c.q_lora_rank + c.q_lora_rank * n_heads * qk if c.q_lora_rank else h * n_heads * qk
+        kv = h * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank * n_heads * (
+            c.qk_nope_head_dim + v
+        )
+        proj = q + kv + n_heads * v * h
+        n_experts, shared = c.n_routed_experts, c.n_shared_experts or 0
+        dense = c.first_k_dense_replace
+    else:  # qwen3_moe, mixtral: grouped-query attention
+        qk = v = getattr(c, "head_dim", None) or h // n_heads
+        proj = h * n_heads * qk + 2 * h * c.num_key_value_heads * qk + n_heads * qk * h
+        n_experts, shared, dense = c.num_local_experts, 0, 0
+    inter = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
+    moe = (c.num_experts_per_tok + shared) * 3 * h * inter + h * n_experts
+    mlp = dense * 3 * h * c.intermediate_size + (c.num_hidden_layers - dense) * moe
+    per_token = c.num_hidden_layers * proj + mlp  # multiply-adds
+    pairs = tokens * (tokens + 1) / 2  # causal (query, key) pairs
+    attention = c.num_hidden_layers * n_heads * pairs * (qk + v)
+    return 2 * (tokens * per_token + attention + h * c.vocab_size)
+
+
+def sgemm_rate(repeat: int = 5) -> float:
+    """The best fp32 FLOP/s of large GEMMs (3000 rows, 512-2048 wide) on this process's threads."""
+    best_rate = 0.0
+    for n in (512, 1024, 2048):
+        a, b = torch.randn(3000, n), torch.randn(n, n)
+        best_rate = max(best_rate, 2 * 3000 * n * n / best(lambda a=a, b=b: a @ b, repeat))
+    return best_rate
 
 
 def best(fn, repeat: int) -> float:
@@ -56,12 +97,21 @@ def main() -> None:
                 hf(ids, use_cache=False)
 
         theirs = best(forward, args.repeat)
-        rows.append((arch, ours, theirs))
+        rows.append((arch, ours, theirs, prefill_flops(path, args.tokens)))
+    rate = sgemm_rate()
     print(f"\none {args.tokens}-token prompt, fp32, torch threads={torch.get_num_threads()}")
-    print("| arch | ours prefill s | transformers forward s | speed-up |")
-    print("|---|---:|---:|---:|")
-    for arch, ours, theirs in rows:
-        print(f"| {arch} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |")
+    print(f"floor: the matmul FLOPs at this machine's best sgemm, {rate / 1e9:.0f} GFLOP/s")
+    print(
+        "| arch | ours prefill s | transformers forward s | speed-up | GFLOP | floor s | "
+        "most possible speed-up |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for arch, ours, theirs, flops in rows:
+        floor = flops / rate
+        print(
+            f"| {arch} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x | {flops / 1e9:.1f} "
+            f"| {floor:.2f} | {theirs / floor:.2f}x |"
+        )
 
 
 if __name__ == "__main__":
