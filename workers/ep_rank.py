@@ -19,7 +19,7 @@ from workers.engine import EngineConfig, EngineStats, RequestOutput, SamplingPar
 from workers.engine.build import build_engine
 from workers.engine.lockstep import Lockstep
 from workers.loader import load_config
-from workers.moe.dispatch import make_dispatcher
+from workers.moe.dispatch import AllToAllDispatcher, make_dispatcher
 from workers.moe.placement import Placement, contiguous_placement
 from workers.moe.rebalance import (
     RebalanceReport,
@@ -81,6 +81,7 @@ class ExpertParallelRank:
         num_redundant: int | None = None,
         load_window: int = 128,
         pin_cores: bool = False,
+        dispatch_transport: str = "auto",
     ) -> None:
         if pin_cores:  # before the group starts its gloo threads: they inherit the cores
             pin_rank(rank, threads)
@@ -110,7 +111,9 @@ class ExpertParallelRank:
         # The slot -> rank table depends only on the slot count and the group size, so it stays
         # valid across rebalances (they keep both): one dispatcher for the group's lifetime.
         slot_to_rank = self.placement.tables().slot_to_rank
-        self.engine.model.set_dispatcher(make_dispatcher("auto", slot_to_rank))  # 1 rank: local
+        # 1 rank: local; CPU ranks on one host: rows through shared memory (a collective here)
+        self.dispatcher = make_dispatcher("auto", slot_to_rank, transport=dispatch_transport)
+        self.engine.model.set_dispatcher(self.dispatcher)
         self.load = self.engine.model.track_expert_load(load_window)  # this rank's tokens only
         self.lockstep = Lockstep(self.engine)
         self.rebalances: list[RebalanceReport] = []
@@ -121,6 +124,8 @@ class ExpertParallelRank:
             set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
             if set_timeout is not None:
                 set_timeout(datetime.timedelta(seconds=collective_timeout_s))
+            if isinstance(self.dispatcher, AllToAllDispatcher):
+                self.dispatcher.set_timeout(collective_timeout_s)
 
     def ready(self) -> int:
         """Returns this rank once construction (group join, weight loading) is done."""
@@ -206,5 +211,7 @@ class ExpertParallelRank:
         return total.bytes_sent, total.bytes_received
 
     def close(self) -> None:
+        if isinstance(self.dispatcher, AllToAllDispatcher):
+            self.dispatcher.close()  # peers waiting on this rank's rows fail at once
         if dist.is_initialized():
             dist.destroy_process_group()

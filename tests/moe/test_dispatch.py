@@ -88,7 +88,7 @@ def make_experts(world: int, owned: list[int], dtype: torch.dtype) -> RoutedExpe
     return experts.to(dtype)
 
 
-def _child(rank: int, world: int, tmp: str) -> None:
+def _child(rank: int, world: int, transport: str, tmp: str) -> None:
     """One rank. Its traceback goes to `{time}.rank{r}.err` before the process group is torn
     down: a failing rank makes its peers fail too ("connection closed by peer"), and the parent
     shows every traceback, oldest first, so the root cause comes first."""
@@ -101,7 +101,7 @@ def _child(rank: int, world: int, tmp: str) -> None:
             world_size=world,
             timeout=datetime.timedelta(seconds=60),
         )
-        torch.save(_run_cases(rank, world), f"{tmp}/rank{rank}.pt")
+        torch.save(_run_cases(rank, world, transport), f"{tmp}/rank{rank}.pt")
     except BaseException:
         err = Path(tmp, f"{time.monotonic_ns()}.rank{rank}.err")  # system-wide clock on Linux
         err.write_text(f"rank {rank}:\n{traceback.format_exc()}")
@@ -111,7 +111,7 @@ def _child(rank: int, world: int, tmp: str) -> None:
             dist.destroy_process_group()
 
 
-def _run_cases(rank: int, world: int) -> dict:
+def _run_cases(rank: int, world: int, transport: str) -> dict:
     """Every case, one MoE layer index each, twice (two steps); then a counters reset."""
     e = num_experts(world)
     e2r = torch.tensor([owner(i, world) for i in range(e)])
@@ -121,8 +121,9 @@ def _run_cases(rank: int, world: int) -> dict:
         AllToAllDispatcher(torch.full((e,), world))
     except ValueError as err:
         out["bad_e2r_error"] = str(err)
-    dispatcher = make_dispatcher("auto", e2r)
+    dispatcher = make_dispatcher("auto", e2r, transport=transport)
     out["backend"] = type(dispatcher).__name__
+    out["shm"] = getattr(dispatcher, "shm", None) is not None
     experts = {dt: make_experts(world, owned, dt) for dt in (torch.float32, torch.bfloat16)}
     for step in range(2):
         for layer, case in enumerate(CASES):
@@ -143,15 +144,24 @@ def _run_cases(rank: int, world: int) -> dict:
                 out[case.name]["total"] = asdict(dispatcher.counters.total[layer])
     dispatcher.counters.reset()
     out["after_reset"] = (len(dispatcher.counters.total), len(dispatcher.counters.last))
+    dispatcher.close()
     return out
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
+# "shm": rows through shared memory (workers/moe/shm_exchange.py), "collective": gloo's
+# all-to-alls; both must give the same rows and results
+@pytest.fixture(
+    scope="module",
+    params=[(2, "shm"), (4, "shm"), (2, "collective"), (4, "collective")],
+    ids=lambda p: f"world{p[0]}-{p[1]}",
+)
 def ranks(request, tmp_path_factory) -> tuple[int, list[dict]]:
-    world = request.param
-    tmp = tmp_path_factory.mktemp(f"dispatch{world}")
-    run_spawned(_child, (world, str(tmp)), world, tmp, JOIN_TIMEOUT_S)
-    return world, [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
+    world, transport = request.param
+    tmp = tmp_path_factory.mktemp(f"dispatch{world}{transport}")
+    run_spawned(_child, (world, transport, str(tmp)), world, tmp, JOIN_TIMEOUT_S)
+    results = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
+    assert all(res["shm"] == (transport == "shm") for res in results), "transport not taken"
+    return world, results
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

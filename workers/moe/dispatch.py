@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.distributed as dist
 
+from workers.moe.shm_exchange import ShmExchange
+
 __all__ = [
     "AllToAllDispatcher",
     "DispatchCounters",
@@ -35,6 +37,7 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "local", "all_to_all")
+TRANSPORTS = ("auto", "shm", "collective")
 
 
 @dataclass(frozen=True)
@@ -149,9 +152,26 @@ class AllToAllDispatcher:
     everything is created on x.device. A dispatch is three collectives (counts [W] int64, x rows,
     packed ids + weights) and reads the counts on the host (a device sync on CUDA: split sizes
     are host lists); combine is one. See the module docstring for the ordering hazard.
+
+    transport: on a CPU group whose ranks share one host, "auto" (and "shm") moves the rows
+    through shared memory instead (`workers/moe/shm_exchange.py`: one exchange per dispatch, rows
+    and ids + weights in one message that carries its own length, and one per combine; same
+    rows, same order, same results); "collective" keeps the process group's all-to-alls. The
+    constructor is then a collective too (every rank of the group builds its dispatcher
+    together), and "shm" falls back to the collectives where shared memory cannot be used.
     """
 
-    def __init__(self, expert_to_rank: torch.Tensor, group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        expert_to_rank: torch.Tensor,
+        group: dist.ProcessGroup | None = None,
+        transport: str = "auto",
+        timeout_s: float = 120.0,
+    ):
+        if transport not in TRANSPORTS:
+            raise ValueError(
+                f"unknown dispatch transport {transport!r}; choose one of {TRANSPORTS}"
+            )
         if not dist.is_initialized():
             raise RuntimeError("AllToAllDispatcher needs torch.distributed.init_process_group()")
         self.group = group
@@ -174,6 +194,20 @@ class AllToAllDispatcher:
         # of a few MB per collective page-fault on every call, which measured as most of the
         # dispatch overhead over a bare all_to_all_single (bench/dispatch.py).
         self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+        self.shm: ShmExchange | None = None
+        if transport != "collective" and dist.get_backend(group) == dist.Backend.GLOO:
+            self.shm = ShmExchange.create(group, timeout_s=timeout_s)
+
+    def set_timeout(self, timeout_s: float) -> None:
+        """How long the shared-memory exchange waits on a peer before failing (the process
+        group's own collectives have theirs)."""
+        if self.shm is not None:
+            self.shm.timeout_s = timeout_s
+
+    def close(self) -> None:
+        """Release the shared memory (peers waiting on this rank fail at once). Idempotent."""
+        if self.shm is not None:
+            self.shm.close()
 
     def _buffer(self, name: str, like: torch.Tensor, rows: int) -> torch.Tensor:
         """A [rows, *like.shape[1:]] view of the reusable buffer `name` (like's dtype/device)."""
@@ -207,6 +241,8 @@ class AllToAllDispatcher:
         to.scatter_(0, dest.t(), True)  # dedupe: two experts on one rank set the same flag
         send_rank, send_token = to.nonzero(as_tuple=True)  # [S], [S] ordered by (rank, token)
         send_counts = torch.bincount(send_rank, minlength=w)  # [W] int64
+        if self.shm is not None and dev.type == "cpu":
+            return self._dispatch_shm(x, ids, topk_weights, send_token, send_counts, layer)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
@@ -245,6 +281,72 @@ class AllToAllDispatcher:
         handle = DispatchHandle(send_token, send_splits, recv_splits, num_tokens=t)
         return Dispatched(recv_x, recv_ids, recv_weights, handle)
 
+    def _dispatch_shm(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        send_token: torch.Tensor,
+        send_counts: torch.Tensor,
+        layer: int,
+    ) -> Dispatched:
+        """`dispatch` over shared memory: to each peer one message, its rows [n, H] then their
+        ids + weights [n, 2K] int64; the receiver learns n from the message's length."""
+        assert self.shm is not None
+        (t, h), me, k = x.shape, self.rank, ids.shape[1]
+        bits = topk_weights.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+        packed = torch.cat([ids, bits], dim=1)  # [T, 2K]
+        send_splits = send_counts.tolist()
+        sends: list[list[torch.Tensor] | None] = [None] * self.world
+        start = 0
+        for r, n in enumerate(send_splits):
+            if r != me:
+                rows = send_token[start : start + n]
+                sends[r] = [x.index_select(0, rows), packed.index_select(0, rows)]
+            start += n
+        got = self.shm.exchange(sends)
+        row_x, row_meta = h * x.element_size(), 2 * k * 8
+        recv_splits = [
+            send_splits[me] if r == me else _message_rows(got[r], row_x + row_meta, r)
+            for r in range(self.world)
+        ]
+        recv_x = self._buffer("recv", x, sum(recv_splits))  # [R, H]: own rows, then the others
+        meta = packed.new_empty(sum(recv_splits), 2 * k)  # [R, 2K]
+        lo = sum(send_splits[:me])
+        own = send_token[lo : lo + send_splits[me]]
+        torch.index_select(x, 0, own, out=recv_x[: len(own)])
+        torch.index_select(packed, 0, own, out=meta[: len(own)])
+        at = len(own)
+        for r, n in enumerate(recv_splits):
+            msg = got[r]
+            if r == me or msg is None or not n:
+                continue
+            recv_x[at : at + n].copy_(msg[: n * row_x].view(x.dtype).view(n, h))
+            meta[at : at + n].copy_(msg[n * row_x :].view(torch.int64).view(n, 2 * k))
+            at += n
+        self.counters.record(layer, _traffic(send_splits, recv_splits, me, row_x))
+        recv_ids = meta[:, :k].contiguous()  # [R, K]
+        recv_weights = meta[:, k:].to(torch.int32).view(torch.float32)  # [R, K]
+        handle = DispatchHandle(send_token, send_splits, recv_splits, num_tokens=t)
+        return Dispatched(recv_x, recv_ids, recv_weights, handle)
+
+    def _combine_shm(self, send: torch.Tensor, handle: DispatchHandle) -> list[torch.Tensor | None]:
+        """Each peer's block of `send` [R, H] back to it; -> per rank the rows it returned,
+        [send_splits[r], H] (None for this rank)."""
+        assert self.shm is not None
+        me, h = self.rank, send.shape[1]
+        sends: list[list[torch.Tensor] | None] = [None] * self.world
+        at = handle.recv_splits[me]
+        for r, n in enumerate(handle.recv_splits):
+            if r != me:
+                sends[r] = [send[at : at + n]]
+                at += n
+        got = self.shm.exchange(sends)
+        return [
+            None if m is None else m.view(send.dtype).view(handle.send_splits[r], h)
+            for r, m in enumerate(got)
+        ]
+
     def combine(
         self,
         expert_out: torch.Tensor,
@@ -260,28 +362,45 @@ class AllToAllDispatcher:
         order, and inside one rank's block a token appears once, so index_add_ never collides."""
         send = expert_out.contiguous()
         me, n_self = self.rank, handle.send_splits[self.rank]
-        back = self._buffer("back", send, sum(handle.send_splits) - n_self)  # [S - n_self, H]
-        work = dist.all_to_all_single(
-            back,
-            send[n_self:],  # this rank's own rows came first and stay here
-            _without(handle.send_splits, me),
-            _without(handle.recv_splits, me),
-            group=self.group,
-            async_op=True,
-        )
-        extra = overlap() if overlap is not None else None
-        work.wait()
+        if self.shm is not None and send.device.type == "cpu":
+            extra = overlap() if overlap is not None else None
+            parts = self._combine_shm(send, handle)
+        else:
+            back = self._buffer("back", send, sum(handle.send_splits) - n_self)  # [S - n_self, H]
+            work = dist.all_to_all_single(
+                back,
+                send[n_self:],  # this rank's own rows came first and stay here
+                _without(handle.send_splits, me),
+                _without(handle.recv_splits, me),
+                group=self.group,
+                async_op=True,
+            )
+            extra = overlap() if overlap is not None else None
+            work.wait()
+            parts, wire = [], 0
+            for r, n in enumerate(handle.send_splits):
+                parts.append(None if r == me else back[wire : wire + n])
+                wire += 0 if r == me else n
         y = expert_out.new_zeros(handle.num_tokens, expert_out.shape[1])  # [T, H]
-        start = wire = 0
+        start = 0
         for r, n in enumerate(handle.send_splits):  # in rank order, this rank's own included
-            if r == me:
-                part = send[:n_self]
-            else:
-                part, wire = back[wire : wire + n], wire + n
+            part = send[:n_self] if r == me else parts[r]
             if n:
+                assert part is not None
                 y.index_add_(0, handle.send_token[start : start + n], part)
             start += n
         return y if extra is None else y + extra
+
+
+def _message_rows(msg: torch.Tensor | None, row_bytes: int, src: int) -> int:
+    size = 0 if msg is None else msg.numel()
+    n, rest = divmod(size, row_bytes)
+    if rest:
+        raise RuntimeError(
+            f"dispatch message from rank {src} is {size} bytes, not whole rows of "
+            f"{row_bytes}: the ranks disagree on the hidden size or top-k"
+        )
+    return n
 
 
 def _without(splits: list[int], rank: int) -> list[int]:
@@ -293,6 +412,7 @@ def make_dispatcher(
     backend: str = "auto",
     expert_to_rank: torch.Tensor | None = None,
     group: dist.ProcessGroup | None = None,
+    transport: str = "auto",
 ) -> LocalDispatcher | AllToAllDispatcher:
     """Pick a dispatcher by name: "local" (one rank, no communication), "all_to_all"
     (torch.distributed, needs expert_to_rank [E]), or "auto": all_to_all when torch.distributed
@@ -309,4 +429,4 @@ def make_dispatcher(
             "the all_to_all dispatch backend needs expert_to_rank: an [E] int64 tensor giving "
             "the group rank that owns each expert"
         )
-    return AllToAllDispatcher(expert_to_rank, group)
+    return AllToAllDispatcher(expert_to_rank, group, transport)
