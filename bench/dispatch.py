@@ -7,8 +7,10 @@ gating on random logits), experts in contiguous slices per rank, T tokens per ra
 Columns:
 - dispatch+combine: median over iterations of the slowest rank's time for one dispatch and one
   combine (no expert compute: the received rows are sent straight back).
-- raw a2a: the same x bytes moved by two bare `all_to_all_single` calls (there and back) with
-  the same splits and preallocated buffers; overhead = dispatch+combine / raw a2a.
+- raw a2a: the same x bytes moved by two bare gloo `all_to_all_single` calls (there and back)
+  with the same splits and preallocated buffers; overhead = dispatch+combine / raw a2a.
+- transport: the dispatcher's (--transport): "shm", rows through shared memory
+  (workers/moe/shm_exchange.py), or "collective", gloo's all-to-alls.
 - wire B/token: x bytes sent to other ranks per token (self rows excluded), deduplicated per
   (token, rank) as the dispatcher sends; naive: one row per (token, remote expert) pair.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import statistics
 import tempfile
@@ -69,9 +72,10 @@ def run_rank(rank: int, world: int, args: argparse.Namespace, tmp: str) -> None:
     logits = torch.randn(args.tokens, E, generator=g)
     ids, weights = grouped_sigmoid_topk(logits, torch.zeros(E), K, GROUPS, TOPK_GROUPS, True, 2.5)
     rows = []
-    for name, dtype in DTYPES.items():
+    for (name, dtype), transport in itertools.product(DTYPES.items(), args.transport.split(",")):
         x = torch.randn(args.tokens, args.hidden, generator=g).to(dtype)  # [T, H]
-        dispatcher = AllToAllDispatcher(e2r)
+        dispatcher = AllToAllDispatcher(e2r, transport=transport)
+        transport = "shm" if dispatcher.shm is not None else "collective"
 
         def dispatch_combine(x=x, d=dispatcher):
             got = d.dispatch(x, ids, weights)
@@ -96,7 +100,10 @@ def run_rank(rank: int, world: int, args: argparse.Namespace, tmp: str) -> None:
         )
         dist.all_reduce(counts)
         dedup, naive = (int(c) / (world * args.tokens) for c in counts)
-        rows.append([world, name, t_dc, t_raw, t_dc / t_raw, dedup, naive, naive / dedup])
+        rows.append(
+            [world, name, transport, t_dc, t_raw, t_dc / t_raw, dedup, naive, naive / dedup]
+        )
+        dispatcher.close()
         dist.barrier()
     if rank == 0:
         Path(tmp, "rows.json").write_text(json.dumps(rows))
@@ -110,6 +117,11 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument(
+        "--transport",
+        default="shm,collective",
+        help="dispatcher transports to compare (workers/moe/dispatch.py TRANSPORTS)",
+    )
+    p.add_argument(
         "--pin", action=argparse.BooleanOptionalAction, default=True, help="a core per rank"
     )
     args = p.parse_args()
@@ -118,19 +130,19 @@ def main() -> None:
         f"H={args.hidden}, gloo on CPU, median of {args.iters}\n"
     )
     print(
-        "| ranks | dtype | dispatch+combine ms | raw a2a ms | overhead | wire B/token "
-        "| naive B/token | dedup ratio |"
+        "| ranks | dtype | transport | dispatch+combine ms | raw a2a ms | overhead | "
+        "wire B/token | naive B/token | dedup ratio |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for world in (int(w) for w in args.worlds.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
             mp.start_processes(run_rank, (world, args, tmp), nprocs=world, start_method="spawn")
-            for w, name, t_dc, t_raw, ratio, dedup, naive, dr in json.loads(
+            for w, name, tr, t_dc, t_raw, ratio, dedup, naive, dr in json.loads(
                 Path(tmp, "rows.json").read_text()
             ):
                 print(
-                    f"| {w} | {name} | {t_dc:.2f} | {t_raw:.2f} | {ratio:.2f}x | {dedup:,.0f} "
-                    f"| {naive:,.0f} | {dr:.2f}x |"
+                    f"| {w} | {name} | {tr} | {t_dc:.2f} | {t_raw:.2f} | {ratio:.2f}x "
+                    f"| {dedup:,.0f} | {naive:,.0f} | {dr:.2f}x |"
                 )
 
 
