@@ -62,7 +62,9 @@ def _sizes_child(rank: int, world: int, tmp: str) -> None:
         assert ex is not None, "no shared-memory exchange on one host"
         got: dict = {}
         for round_ in range(2 * len(SIZES)):
-            out = ex.exchange([message(rank, d, round_) for d in range(world)])
+            mode = torch.inference_mode(round_ % 2 == 0)  # as the forward and the lockstep do
+            with mode:
+                out = ex.exchange([message(rank, d, round_) for d in range(world)])
             got[round_] = [None if m is None else m.clone() for m in out]
         got["file_left"] = os.path.exists(ex.path)  # rank 0 unlinks it before its first round
         ex.close()

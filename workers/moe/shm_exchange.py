@@ -244,7 +244,8 @@ class ShmExchange:
     def _recv_buffer(self, src: int, n: int) -> torch.Tensor:
         buf = self._recv.get(src)
         if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n * 5 // 4, 1), dtype=torch.uint8)
+            with torch.inference_mode(False):  # written in and out of inference mode alike
+                buf = torch.empty(max(n * 5 // 4, 1), dtype=torch.uint8)
             self._recv[src] = buf
         return buf[:n]
 
