@@ -416,7 +416,8 @@ def make_dispatcher(
 ) -> LocalDispatcher | AllToAllDispatcher:
     """Pick a dispatcher by name: "local" (one rank, no communication), "all_to_all"
     (torch.distributed, needs expert_to_rank [E]), or "auto": all_to_all when torch.distributed
-    is initialized and the group has more than one rank, else local."""
+    is initialized and the group has more than one rank, else local. `transport`: how an
+    all_to_all dispatcher moves rows (`AllToAllDispatcher`: "auto", "shm", "collective")."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown dispatch backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":

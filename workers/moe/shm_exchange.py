@@ -70,13 +70,20 @@ def shm_supported() -> bool:
 
 
 def _host_id() -> str:
-    """Same value on every process of one kernel (hostname alone repeats across containers)."""
+    """Equal for processes that share one kernel, /dev/shm (the IPC namespace) and process ids
+    (the PID namespace: peers are watched by pid); hostname alone repeats across containers."""
+    parts = [socket.gethostname()]
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
+            parts.append(f.read().strip())
     except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
+        parts.append("")
+    for ns in ("ipc", "pid"):
+        try:
+            parts.append(os.readlink(f"/proc/self/ns/{ns}"))
+        except OSError:
+            parts.append("")
+    return "/".join(parts)
 
 
 def _running(pid: int) -> bool:
