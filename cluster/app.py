@@ -122,6 +122,7 @@ class _RankServer:
             threads=stage_cfg.torch_threads or max(1, int(stage_cfg.num_cpus_per_rank)),
             device="cuda" if on_gpu else "cpu",
             collective_timeout_s=stage_cfg.collective_timeout_s,
+            dispatch_transport=stage_cfg.dispatch_transport,
             core_turn=self._app if cfg.takes_core_turns(self.stage) else None,  # per node
         )
         self._metrics = RankMetrics()

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from router.requests import MAX_STREAM_INTERVAL
+from workers.moe.dispatch import Transport
 
 __all__ = ["ClusterConfig", "ConfigError", "json_schema"]
 
@@ -130,6 +131,12 @@ class _Stage(_Schema):
         default=None,
         ge=1,
         description="intra-op threads per rank; None: int(num_cpus_per_rank), >= 1",
+    )
+    dispatch_transport: Transport = Field(
+        default="auto",
+        description="how a CPU gang's ranks move MoE rows: 'auto'/'shm' through shared memory "
+        "when they share a host (x86-64 Linux; gloo otherwise), 'collective' always through "
+        "gloo; GPU gangs use NCCL whatever this says",
     )
     collective_timeout_s: float = Field(
         default=10.0,

@@ -210,6 +210,13 @@ class ExpertParallelRank:
         total = counters.overall()
         return total.bytes_sent, total.bytes_received
 
+    def dispatch_transport(self) -> str:
+        """How this rank's MoE rows travel: "shm" (shared memory), "collective" (the process
+        group's all-to-alls) or "local" (a group of one)."""
+        if not isinstance(self.dispatcher, AllToAllDispatcher):
+            return "local"
+        return "shm" if self.dispatcher.shm is not None else "collective"
+
     def close(self) -> None:
         if isinstance(self.dispatcher, AllToAllDispatcher):
             self.dispatcher.close()  # peers waiting on this rank's rows fail at once

@@ -179,6 +179,12 @@ def test_bad_yaml_files_say_why(tmp_path, text, fix):
             "outside autoscaling [1, 4]",
         ),
         ("model", {"dtype": "fp8"}, "model.dtype", "must be 'float32' or 'bfloat16' (got 'fp8')"),
+        (
+            "decode",
+            {"dispatch_transport": "nccl"},
+            "decode.dispatch_transport",
+            "must be 'auto', 'shm' or 'collective' (got 'nccl')",
+        ),
     ],
 )
 def test_bad_input_names_the_field_and_the_fix(section, values, path, fix):

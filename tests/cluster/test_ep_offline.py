@@ -49,6 +49,18 @@ def test_prefix_cache_at_ep_2_gives_the_tokens_of_one_rank_without_it(tiny_check
     assert all(h > 0 for h in hits), f"each rank reuses its own prompts' prefix: {hits}"
 
 
+def test_both_dispatch_transports_give_the_tokens_of_one_rank(tiny_checkpoint):
+    """CPU ranks of one host move their MoE rows through shared memory unless told to use the
+    process group's collectives; either way the tokens are one rank's."""
+    path = tiny_checkpoint("qwen3_moe")
+    specs = _specs(4)
+    reference = [o.token_ids for o in run_offline(build_engine(path), specs)]
+    for transport, used in (("auto", "shm"), ("collective", "collective")):
+        with ExpertParallelGroup(path, 2, timeout_s=300, dispatch_transport=transport) as group:
+            assert [o.token_ids for o in group.generate(specs)] == reference, transport
+            assert group.call("dispatch_transport") == [used, used]
+
+
 def test_ep_size_that_does_not_divide_the_experts_uses_redundant_slots(tiny_checkpoint):
     path = tiny_checkpoint("mixtral")  # 8 experts on 3 ranks: 9 slots, expert 0 twice
     specs = _specs(5)

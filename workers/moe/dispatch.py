@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -33,11 +34,13 @@ __all__ = [
     "Dispatched",
     "LocalDispatcher",
     "Traffic",
+    "Transport",
     "make_dispatcher",
 ]
 
 BACKENDS = ("auto", "local", "all_to_all")
-TRANSPORTS = ("auto", "shm", "collective")
+Transport = Literal["auto", "shm", "collective"]  # how AllToAllDispatcher moves rows
+TRANSPORTS: tuple[str, ...] = get_args(Transport)
 
 
 @dataclass(frozen=True)

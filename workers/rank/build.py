@@ -53,6 +53,7 @@ def start_rank(
     threads: int = 1,
     device: str = "cpu",
     collective_timeout_s: float = 30.0,
+    dispatch_transport: str = "auto",
     kv_ttl_s: float = 120.0,
     engine: Engine | None = None,
     core_turn: str | None = None,
@@ -84,6 +85,7 @@ def start_rank(
             threads=threads,
             timeout_s=max(120.0, collective_timeout_s),
             collective_timeout_s=collective_timeout_s,
+            dispatch_transport=dispatch_transport,
             device=device,
             # under core turns one gang of the node steps at a time: rank r on its own cores
             # (workers/cores.py); its loop, gloo and channel threads start after and inherit them
