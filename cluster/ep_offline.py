@@ -66,6 +66,13 @@ class ExpertParallelGroup:
 
         if ep < 1:
             raise InvalidRequestError("ep", f"must be >= 1, got {ep}")
+        from workers.moe.dispatch import TRANSPORTS
+
+        if dispatch_transport not in TRANSPORTS:
+            raise InvalidRequestError(
+                "dispatch_transport",
+                f"must be one of {', '.join(TRANSPORTS)}, got {dispatch_transport!r}",
+            )
         try:  # fully checkable here on CPU; for CUDA the actors check where the GPUs are
             if backend not in BACKENDS or not device.startswith("cuda"):
                 resolve_backend(backend, device)

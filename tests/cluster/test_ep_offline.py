@@ -8,7 +8,7 @@ import torch
 
 from cluster.ep_offline import ExpertParallelGroup, run_offline_ep
 from cluster.offline import PromptSpec, run_offline
-from workers.engine import EngineConfig, SamplingParams, SchedulerConfig
+from workers.engine import EngineConfig, InvalidRequestError, SamplingParams, SchedulerConfig
 from workers.engine.build import build_engine
 
 PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -55,6 +55,8 @@ def test_both_dispatch_transports_give_the_tokens_of_one_rank(tiny_checkpoint):
     path = tiny_checkpoint("qwen3_moe")
     specs = _specs(4)
     reference = [o.token_ids for o in run_offline(build_engine(path), specs)]
+    with pytest.raises(InvalidRequestError, match="dispatch_transport"):  # before any actor
+        ExpertParallelGroup(path, 2, dispatch_transport="nccl")
     for transport, used in (("auto", "shm"), ("collective", "collective")):
         with ExpertParallelGroup(path, 2, timeout_s=300, dispatch_transport=transport) as group:
             assert [o.token_ids for o in group.generate(specs)] == reference, transport
