@@ -7,9 +7,6 @@ and the byte floor independently and asserts. Legend: T tokens, H hidden, E expe
 
 from __future__ import annotations
 
-import datetime
-import time
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.spawn import run_spawned
+from tests.spawn import gloo_rank, run_spawned
 from workers.moe.dispatch import AllToAllDispatcher, LocalDispatcher, make_dispatcher
 from workers.moe.experts import RoutedExperts
 from workers.moe.gating import softmax_topk
@@ -89,26 +86,8 @@ def make_experts(world: int, owned: list[int], dtype: torch.dtype) -> RoutedExpe
 
 
 def _child(rank: int, world: int, transport: str, tmp: str) -> None:
-    """One rank. Its traceback goes to `{time}.rank{r}.err` before the process group is torn
-    down: a failing rank makes its peers fail too ("connection closed by peer"), and the parent
-    shows every traceback, oldest first, so the root cause comes first."""
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{tmp}/rendezvous",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=60),
-        )
+    with gloo_rank(rank, world, tmp):
         torch.save(_run_cases(rank, world, transport), f"{tmp}/rank{rank}.pt")
-    except BaseException:
-        err = Path(tmp, f"{time.monotonic_ns()}.rank{rank}.err")  # system-wide clock on Linux
-        err.write_text(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _run_cases(rank: int, world: int, transport: str) -> dict:

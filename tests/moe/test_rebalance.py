@@ -7,9 +7,6 @@ Legend: T tokens, H hidden, I intermediate, E logical experts, K top-k, S slots 
 
 from __future__ import annotations
 
-import datetime
-import time
-import traceback
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.spawn import run_spawned
+from tests.spawn import gloo_rank, run_spawned
 from workers.moe.dispatch import AllToAllDispatcher
 from workers.moe.experts import RoutedExperts
 from workers.moe.gating import softmax_topk
@@ -166,25 +163,8 @@ def _moe(experts: RoutedExperts, dispatcher: AllToAllDispatcher, inputs) -> torc
 
 
 def _child(rank: int, tmp: str) -> None:
-    """One rank; its traceback goes to `{time}.rank{r}.err` before the group is torn down so the
-    parent can show the root cause first (a failing rank makes its peer fail too)."""
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{tmp}/rendezvous",
-            rank=rank,
-            world_size=WORLD,
-            timeout=datetime.timedelta(seconds=60),
-        )
+    with gloo_rank(rank, WORLD, tmp):
         torch.save(_run(rank), f"{tmp}/rank{rank}.pt")
-    except BaseException:
-        err = Path(tmp, f"{time.monotonic_ns()}.rank{rank}.err")
-        err.write_text(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _run(rank: int) -> dict:

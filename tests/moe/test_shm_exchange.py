@@ -6,19 +6,16 @@ that exits, closes or stays away fails the waiting rank within bounded time, nam
 
 from __future__ import annotations
 
-import datetime
 import os
 import signal
 import time
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.spawn import run_spawned
+from tests.spawn import gloo_rank, run_spawned
 from workers.moe.shm_exchange import RING, PeerLost, ShmExchange, shm_supported
 
 pytestmark = [
@@ -28,17 +25,6 @@ pytestmark = [
 
 CHUNK = 4096
 SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 5 * RING * CHUNK + 3]  # bytes of the uint8 part
-
-
-def _join(rank: int, world: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp}/rendezvous",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
 
 
 def message(src: int, dst: int, round_: int) -> list[torch.Tensor]:
@@ -56,8 +42,7 @@ def wire(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _sizes_child(rank: int, world: int, tmp: str) -> None:
-    try:
-        _join(rank, world, tmp)
+    with gloo_rank(rank, world, tmp):
         ex = ShmExchange.create(chunk=CHUNK)
         assert ex is not None, "no shared-memory exchange on one host"
         got: dict = {}
@@ -72,12 +57,6 @@ def _sizes_child(rank: int, world: int, tmp: str) -> None:
             os.environ["MOE_SHM_DISPATCH"] = "0"
         got["fallback"] = ShmExchange.create() is None
         torch.save(got, f"{tmp}/rank{rank}.pt")
-    except BaseException:
-        Path(tmp, f"{time.monotonic_ns()}.rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def test_every_message_size_arrives_intact(tmp_path) -> None:
@@ -97,8 +76,7 @@ def test_every_message_size_arrives_intact(tmp_path) -> None:
 
 def _fault_child(rank: int, world: int, tmp: str, fault: str) -> None:
     """Rank 0 waits in an exchange; rank 1 is killed, closes its end, or never comes."""
-    try:
-        _join(rank, world, tmp)
+    with gloo_rank(rank, world, tmp):
         ex = ShmExchange.create(timeout_s=0.5 if fault == "absent" else 60)
         assert ex is not None
         ex.exchange([[torch.ones(8)]] * world)  # a first round everyone takes part in
@@ -119,9 +97,6 @@ def _fault_child(rank: int, world: int, tmp: str, fault: str) -> None:
             outcome = str(e)
         Path(tmp, "rank0.txt").write_text(f"{time.monotonic() - start:.3f}\n{outcome}")
         Path(tmp, "rank0.done").write_text("")
-    except BaseException:
-        Path(tmp, f"{time.monotonic_ns()}.rank{rank}.err").write_text(traceback.format_exc())
-        raise
 
 
 @pytest.mark.parametrize(
