@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from bench.machine import sgemm_gflops
 from bench.offline import checkpoint
 from workers.engine import EngineConfig, SamplingParams
 from workers.engine.build import build_engine
@@ -51,13 +52,9 @@ def prefill_flops(model_dir, tokens: int) -> float:
     return 2 * (tokens * per_token + attention + h * c.vocab_size)
 
 
-def sgemm_rate(repeat: int = 5) -> float:
+def sgemm_rate() -> float:
     """The best fp32 FLOP/s of large GEMMs (3000 rows, 512-2048 wide) on this process's threads."""
-    best_rate = 0.0
-    for n in (512, 1024, 2048):
-        a, b = torch.randn(3000, n), torch.randn(n, n)
-        best_rate = max(best_rate, 2 * 3000 * n * n / best(lambda a=a, b=b: a @ b, repeat))
-    return best_rate
+    return max(sgemm_gflops(3000, n, n) for n in (512, 1024, 2048)) * 1e9
 
 
 def best(fn, repeat: int) -> float:

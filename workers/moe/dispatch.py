@@ -380,16 +380,13 @@ class AllToAllDispatcher:
             )
             extra = overlap() if overlap is not None else None
             work.wait()
-            parts, wire = [], 0
-            for r, n in enumerate(handle.send_splits):
-                parts.append(None if r == me else back[wire : wire + n])
-                wire += 0 if r == me else n
+            parts = list(back.split(_without(handle.send_splits, me)))  # this rank's block empty
         y = expert_out.new_zeros(handle.num_tokens, expert_out.shape[1])  # [T, H]
         start = 0
         for r, n in enumerate(handle.send_splits):  # in rank order, this rank's own included
             part = send[:n_self] if r == me else parts[r]
             if n:
-                assert part is not None
+                assert part is not None  # the shared-memory path has None at this rank only
                 y.index_add_(0, handle.send_token[start : start + n], part)
             start += n
         return y if extra is None else y + extra

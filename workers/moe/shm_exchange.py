@@ -349,12 +349,10 @@ class _Waiter:
         self.ex = ex
         self.polls = 0
         self.since = 0.0  # when the current wait began (0: not waiting)
-        self.deadline = time.monotonic() + ex.timeout_s
         self.check_at = 0.0
 
     def progress(self) -> None:
         self.polls, self.since = 0, 0.0
-        self.deadline = time.monotonic() + self.ex.timeout_s
 
     def pause(self, pending: set[int]) -> None:
         self.polls += 1
@@ -366,7 +364,7 @@ class _Waiter:
         if now >= self.check_at:
             self.check_at = now + CHECK_S
             self.ex.check_peers(pending)
-            if now > self.deadline:
+            if now - self.since > self.ex.timeout_s:
                 ranks = ", ".join(str(r) for r in sorted(pending))
                 raise PeerLost(
                     f"expert-parallel rank(s) {ranks} did not take part in an all-to-all within "
