@@ -2,9 +2,10 @@
 
     python -m bench.gemm [--rows 1,2,4,8,16,32,64] [--threads 1,2]
 
-- linear: `kernels.linear`'s product (gemm.h `nt_gemm`, Linear layout, output panels over the
-  threads), called directly (the row thresholds of `kernels.linear` bypassed) vs `F.linear`,
-  512 -> 512 and 512 -> 4,096 (the LM head's shape), 48 weights cycled so none stays cached.
+- linear: `kernels.linear`'s product (gemm.h `packed_gemm` over W packed in 16-output panels,
+  (row block, panel) items over the threads), called directly (the row threshold of
+  `kernels.linear` bypassed) vs `F.linear`, 512 -> 512 and 512 -> 4,096 (the LM head's shape),
+  48 weights cycled so none stays cached.
 - experts: `routed_ffn` with every one of 48 experts (H 512, I 256) given the same number of
   rows, reading w13/w2 as they are (`nt_gemm`) vs packed in 16-output panels
   (`packed_gemm`), vs ATen's `mm` per expert (what the torch path runs).
@@ -35,9 +36,10 @@ def linear_rows(rows: int, n: int, calls: int) -> tuple[float, float]:
     """GFLOP/s of ours and of F.linear for [rows, 512] @ [n, 512]^T."""
     lin = kernels.kernel("linear")
     ws = [torch.randn(n, 512) for _ in range(COPIES)]
+    packed = [kernels.pack_panels(w) for w in ws]
     x = torch.randn(rows, 512)
     flop = 2 * rows * n * 512
-    ours = _per_call(lambda i: lin(x, ws[i % COPIES], None), calls)
+    ours = _per_call(lambda i: lin(x, packed[i % COPIES], n, None), calls)
     aten = _per_call(lambda i: F.linear(x, ws[i % COPIES]), calls)
     return flop / ours / 1e9, flop / aten / 1e9
 
@@ -66,7 +68,7 @@ def expert_rows(rows: int, calls: int) -> tuple[float, float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="1,2,4,8,16,32,64")
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64,128,512")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--calls", type=int, default=60)
     args = ap.parse_args()

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("rows", [1, 2, 7, 32])
+@pytest.mark.parametrize("rows", [1, 2, 7, 32, 65, kernels.PACKED_ROWS])
 @pytest.mark.parametrize("k,n", [(64, 48), (13, 5), (40, 100), (512, 2049)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_equals_aten(rows, k, n, bias):
@@ -28,20 +28,34 @@ def test_linear_equals_aten(rows, k, n, bias):
     w = torch.randn(n, k, generator=gen)
     b = torch.randn(n, generator=gen) if bias else None
     with torch.no_grad():
-        got = kernels.linear(x, w, b)
+        got = kernels.linear(x, w, b, kernels.Panels())
     assert got is not None
     torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
 
 
 def test_linear_leaves_what_aten_does_better_to_aten():
     w = torch.randn(64, 64)
+    panels = kernels.Panels()
     with torch.no_grad():
-        assert kernels.linear(torch.randn(kernels.SMALL_ROWS + 1, 64), w, None) is None
-        assert kernels.linear(torch.randn(4, 64).double(), w.double(), None) is None
-        tall = torch.randn(kernels.TALL_OUT, 64)
-        assert kernels.linear(torch.randn(kernels.TALL_ROWS, 64), tall, None) is not None
-        assert kernels.linear(torch.randn(kernels.TALL_ROWS + 1, 64), tall, None) is None
-    assert kernels.linear(torch.randn(4, 64), w, None) is None  # autograd on
+        assert kernels.linear(torch.randn(kernels.PACKED_ROWS + 1, 64), w, None, panels) is None
+        assert kernels.linear(torch.randn(4, 64).double(), w.double(), None, panels) is None
+    assert kernels.linear(torch.randn(4, 64), w, None, panels) is None  # autograd on
+
+
+def test_linear_packed_copy_follows_the_weight():
+    """The packed copy is remade when the weight is changed in place or replaced (a load, a
+    rebalance), and reused while it is not."""
+    m = Linear(64, 40)
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        m(x)
+        first = m._panels.of(m.weight)[0]
+        m(x)
+        assert m._panels.of(m.weight)[0] is first
+        m.weight.mul_(2)
+        torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias), atol=1e-4, rtol=1e-5)
+        m.weight = torch.nn.Parameter(torch.randn(40, 64))
+        torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias), atol=1e-4, rtol=1e-5)
 
 
 def test_linear_module_keeps_leading_dims():
@@ -111,7 +125,10 @@ assert kernels.kernel("isa")() == "base"
 torch.manual_seed(0)
 with torch.no_grad():
     x, w, b = torch.randn(9, 70), torch.randn(37, 70), torch.randn(37)
-    torch.testing.assert_close(kernels.linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    rows = torch.randn(70, 70)  # a block of 64 rows and one of 6
+    for a in (x, rows):
+        got = kernels.linear(a, w, b, kernels.Panels())
+        torch.testing.assert_close(got, F.linear(a, w, b), atol=1e-4, rtol=1e-5)
     g = torch.randn(70)
     ref = g * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
     torch.testing.assert_close(kernels.rms_norm(x, g, 1e-6), ref, atol=1e-5, rtol=1e-5)

@@ -22,6 +22,7 @@ import torch
 
 __all__ = [
     "SOURCES",
+    "Panels",
     "build_dir",
     "enabled",
     "kernel",
@@ -86,23 +87,27 @@ def _cpu_kernel(name: str, *tensors: torch.Tensor, fp32: bool = True) -> Callabl
     return kernel(name)
 
 
-# `linear` takes a product when it measured faster than ATen's sgemm on 2 threads
-# (`python -m bench.gemm`): at most SMALL_ROWS rows, or tall outputs (the LM head) up to
-# TALL_ROWS rows.
-SMALL_ROWS, TALL_ROWS, TALL_OUT = 32, 128, 2048
+# `linear` takes products of at most PACKED_ROWS rows: there its packed panels measured ahead
+# of ATen's sgemm on 2 threads at every width (`python -m bench.gemm`: 8-512 rows); at 2,048
+# rows (a long prefill chunk) the two were even, and ATen keeps what it is tuned for.
+PACKED_ROWS = 512
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x [..., K] @ weight [N, K]^T (+ bias [N]) -> [..., N]; None when ATen is the better
-    (or only) choice here: not fp32 on the CPU, autograd on, or too many rows."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, panels: Panels
+) -> torch.Tensor | None:
+    """x [..., K] @ weight [N, K]^T (+ bias [N]) -> [..., N], reading weight packed (kept in
+    `panels`, made on the first call that runs here); None when ATen is the better (or only)
+    choice here: not fp32 on the CPU, autograd on, or more than PACKED_ROWS rows."""
     n, k = weight.shape
     rows = x.numel() // k if k else 0
-    if rows == 0 or rows > (TALL_ROWS if n >= TALL_OUT else SMALL_ROWS):
+    if rows == 0 or rows > PACKED_ROWS:
         return None
     fn = _cpu_kernel("linear", x, weight)
     if fn is None:
         return None
-    y = fn(x.reshape(rows, k).contiguous(), weight.detach().contiguous(), bias)
+    (packed,) = panels.of(weight)
+    y = fn(x.reshape(rows, k).contiguous(), packed, n, bias)
     return y.view(*x.shape[:-1], n)
 
 
@@ -119,12 +124,29 @@ PACK = 16  # output columns per packed panel (gemm.h)
 
 
 def pack_panels(w: torch.Tensor) -> torch.Tensor:
-    """[E, N, K] Linear-layout weights -> [E, ceil(N / 16), K, 16], zero padded: the layout
+    """[..., N, K] Linear-layout weights -> [..., ceil(N / 16), K, 16], zero padded: the layout
     gemm.h's packed product streams (one sequential run of memory per 16 outputs)."""
-    e, n, k = w.shape
+    *lead, n, k = w.shape
     panels = -(-n // PACK)
-    padded = torch.nn.functional.pad(w.detach(), (0, 0, 0, panels * PACK - n))  # [E, P*16, K]
-    return padded.view(e, panels, PACK, k).transpose(2, 3).contiguous()
+    padded = torch.nn.functional.pad(w.detach(), (0, 0, 0, panels * PACK - n))  # [..., P*16, K]
+    return padded.view(*lead, panels, PACK, k).transpose(-2, -1).contiguous()
+
+
+class Panels:
+    """A packed copy (`pack_panels`) of some weights, made on first use and remade when one of
+    them is changed in place or replaced (its storage or version counter moved). CPU fp32
+    only: a second copy of those weights in memory."""
+
+    def __init__(self) -> None:
+        self._key: tuple[tuple[int, int], ...] | None = None
+        self._packed: tuple[torch.Tensor, ...] = ()
+
+    def of(self, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        key = tuple((w.data_ptr(), w._version) for w in weights)
+        if key != self._key:
+            self._packed = tuple(pack_panels(w) for w in weights)
+            self._key = key
+        return self._packed
 
 
 def routed_ffn(

@@ -18,7 +18,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor cache,
                                      int64_t k_head_stride, int64_t v_offset,
                                      int64_t v_head_stride, int64_t v_dim, double scale);
 
-torch::Tensor linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias);
+torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t n,
+                     c10::optional<torch::Tensor> bias);
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 

@@ -24,10 +24,16 @@ __all__ = [
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and checkpoint names) whose CPU fp32 forward takes the C++
-    few-row product where it beats ATen's: decode-step projections and the LM head."""
+    packed-panel product up to kernels.PACKED_ROWS rows (decode-step projections, the LM head,
+    short prefill chunks), where it beats ATen's sgemm; it keeps the packed copy of its weight
+    (kernels.Panels, made on the first such call)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._panels = kernels.Panels()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.linear(x, self.weight, self.bias)
+        y = kernels.linear(x, self.weight, self.bias, self._panels)
         return F.linear(x, self.weight, self.bias) if y is None else y
 
 

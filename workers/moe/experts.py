@@ -64,7 +64,7 @@ class RoutedExperts(nn.Module):
         # w13/w2 in the kernel's packed-panel layout, made on the kernel's first fp32 CPU call
         # and again whenever the weights change (load, rebalance): a second copy of the expert
         # weights, for ~1.3-1.5x on the few-row products of decode steps (workers/kernels).
-        self._packed: tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._packed = kernels.Panels()
 
     @property
     def num_logical(self) -> int:
@@ -197,16 +197,13 @@ class RoutedExperts(nn.Module):
         y = torch._grouped_mm(g, self.w2.transpose(1, 2), offs=offs)  # [N, H]
         return torch.zeros_like(x).index_add_(0, tokens, y)
 
-    def _panels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The weights packed for the kernel (kernels.pack_panels), current with w13/w2; None
-        off the CPU or in other dtypes than fp32 (the kernel then reads w13/w2)."""
+    def _panels(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The weights packed for the kernel (kernels.Panels), current with w13/w2; None off
+        the CPU or in other dtypes than fp32 (the kernel then reads w13/w2)."""
         w13, w2 = self.w13, self.w2
         if x.device.type != "cpu" or x.dtype != torch.float32 or w13.dtype != torch.float32:
             return None
-        key = (w13.data_ptr(), w13._version, w2.data_ptr(), w2._version)
-        if self._packed is None or self._packed[0] != key:
-            self._packed = (key, (kernels.pack_panels(w13), kernels.pack_panels(w2)))
-        return self._packed[1]
+        return self._packed.of(w13, w2)
 
     def _swiglu(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """h [..., 2I] (gate, up), w broadcastable to [..., 1] -> silu(gate) * up * w [..., I],
