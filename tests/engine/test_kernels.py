@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from workers import kernels
-from workers.models.layers import Linear, RMSNorm
+from workers.models.layers import Linear, RMSNorm, apply_rotary, rotary_cos_sin
 
 pytestmark = pytest.mark.skipif(
     kernels.kernel("linear") is None, reason="the C++ kernels are not built here"
@@ -63,6 +63,51 @@ def test_linear_module_keeps_leading_dims():
     x = torch.randn(3, 2, 16)
     with torch.no_grad():
         torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias), atol=1e-5, rtol=1e-5)
+
+
+def _rope_reference(q, k, v, cos, sin, norms, eps, cache, slots):
+    """The torch path GQAttention takes without the kernel."""
+    if norms is not None:  # RMSNorm as transformers computes it
+        q, k = (
+            w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+            for x, w in zip((q, k), norms, strict=True)
+        )
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    cache = cache.clone().index_copy_(0, slots, torch.stack((k, v), dim=1))
+    return q, k, cache
+
+
+@pytest.mark.parametrize(
+    "t,hq,hkv,d", [(1, 8, 4, 64), (64, 8, 4, 64), (150, 4, 2, 20), (3, 2, 1, 6)]
+)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_qk_equals_the_torch_path(t, hq, hkv, d, qk_norm):
+    gen = torch.Generator().manual_seed(t * 100 + d + qk_norm)
+    q, k, v = (torch.randn(t, h, d, generator=gen) * 3 for h in (hq, hkv, hkv))
+    positions = torch.randint(0, 4000, (t,), generator=gen)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    cos, sin = rotary_cos_sin(positions, inv_freq, 1.0, torch.float32)
+    norms = (torch.randn(d, generator=gen), torch.randn(d, generator=gen)) if qk_norm else None
+    cache = torch.randn(t + 7, 2, hkv, d, generator=gen)
+    slots = torch.randperm(t + 7, generator=gen)[:t]
+    want_q, want_k, want_cache = _rope_reference(q, k, v, cos, sin, norms, 1e-6, cache, slots)
+    with torch.no_grad():
+        assert kernels.rope_qk(q, k, v, (cos, sin), norms, 1e-6, cache, slots)
+    torch.testing.assert_close(q, want_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, want_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache, want_cache, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_qk_leaves_other_tensors_to_torch():
+    q, k, v = torch.randn(2, 4, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    cos_sin = (torch.randn(2, 8), torch.randn(2, 8))
+    cache, slots = torch.zeros(4, 2, 2, 8), torch.tensor([0, 1])
+    with torch.no_grad():
+        assert not kernels.rope_qk(q.double(), k, v, cos_sin, None, 0.0, cache, slots)
+        assert not kernels.rope_qk(q[:, ::2], k, v, cos_sin, None, 0.0, cache, slots)
+        assert not kernels.rope_qk(q, k, v, cos_sin, None, 0.0, torch.zeros(4, 3, 2, 8), slots)
+    assert not kernels.rope_qk(q, k, v, cos_sin, None, 0.0, cache, slots)  # autograd on
+    assert cache.abs().sum() == 0
 
 
 @pytest.mark.parametrize("shape", [(1, 8), (5, 13), (64, 512), (300, 3, 64)])
@@ -151,6 +196,15 @@ with torch.no_grad():
         for h in range(4):
             p = (ctx[:, 0, h // 2] @ q[s, h] * 0.1).softmax(-1)
             torch.testing.assert_close(got[s, h], p @ ctx[:, 1, h // 2], atol=1e-5, rtol=1e-5)
+    q, k, v = torch.randn(5, 4, 20), torch.randn(5, 2, 20), torch.randn(5, 2, 20)
+    cos, sin = torch.randn(5, 20), torch.randn(5, 20)
+    rot = [torch.cat((-x[..., 10:], x[..., :10]), -1) for x in (q, k)]
+    want_q, want_k = (x * cos[:, None] + r * sin[:, None] for x, r in zip((q, k), rot))
+    cache = torch.zeros(9, 2, 2, 20)
+    assert kernels.rope_qk(q, k, v, (cos, sin), None, 0.0, cache, torch.tensor([8, 0, 3, 1, 2]))
+    torch.testing.assert_close(q, want_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache[8, 0], want_k[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache[8, 1], v[0])
 print("ok")
 """
 

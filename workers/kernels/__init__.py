@@ -1,8 +1,9 @@
 """Optional C++ CPU kernels, built once by `make install` (`python -m workers.kernels.build`).
 
 `routed_ffn` (the fused routed-expert FFN, `moe.cpp`), `paged_decode_attention` (decode
-attention reading K/V in place, `attention.cpp`) and `linear` (few-row projections,
-`linear.cpp`) and `rms_norm` (`norm.cpp`) return None when the kernel is not built (no
+attention reading K/V in place, `attention.cpp`), `linear` (projections of up to a few
+hundred rows, `linear.cpp`), `rms_norm` (`norm.cpp`) and `rope_qk` (q/k norm + rotary + KV write,
+`rope.cpp`) return None (rope_qk: False) when the kernel is not built (no
 compiler on the machine), disabled (`MOE_KERNELS=0`) or cannot take the tensors (not on the
 CPU, autograd on, a dtype it lacks): callers then use their pure-torch path, which computes
 the same thing. The build lives in
@@ -30,13 +31,14 @@ __all__ = [
     "pack_panels",
     "paged_decode_attention",
     "rms_norm",
+    "rope_qk",
     "routed_ffn",
 ]
 
 HERE = Path(__file__).parent
 SOURCES = [
     HERE / n
-    for n in ("ops.cpp", "moe.cpp", "attention.cpp", "linear.cpp", "norm.cpp")
+    for n in ("ops.cpp", "moe.cpp", "attention.cpp", "linear.cpp", "norm.cpp", "rope.cpp")
     + ("kernels.h", "gemm.h")
 ]
 NAME = "moe_kernels"
@@ -118,6 +120,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     if fn is None:
         return None
     return fn(x, weight.detach(), eps)
+
+
+def rope_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+    norms: tuple[torch.Tensor, torch.Tensor] | None,
+    eps: float,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> bool:
+    """GQA's step between projections and attention in one C++ pass (rope.cpp): q [T, Hq, D]
+    and k [T, Hkv, D] per-head RMSNorm'd by `norms` (q's and k's weights [D], or None) and
+    NeoX-rotated by cos, sin [T, D], in place; then cache [S, 2, Hkv, D][slots] = (k, v).
+    False (nothing done) when the kernel cannot run here: use the torch path."""
+    tensors = (q, k, v, *cos_sin, cache, *(norms or ()))
+    if not all(t.is_contiguous() for t in tensors) or cache.shape[1:] != (2, *k.shape[1:]):
+        return False
+    fn = _cpu_kernel("rope_qk", *tensors)
+    if fn is None:
+        return False
+    qw, kw = (w.detach() for w in norms) if norms is not None else (None, None)
+    fn(q, k, *cos_sin, qw, kw, eps, cache, slots, v)
+    return True
 
 
 PACK = 16  # output columns per packed panel (gemm.h)

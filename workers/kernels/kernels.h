@@ -23,6 +23,11 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t n,
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 
+void rope_qk(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin,
+             c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm,
+             double eps, c10::optional<torch::Tensor> cache, c10::optional<torch::Tensor> slots,
+             c10::optional<torch::Tensor> v);
+
 // Instruction sets: each kernel's inner function is written once (MOE_INLINE, no target) and
 // wrapped three times, with MOE_AVX512, MOE_AVX2 and no attribute, so GCC compiles the inlined
 // loops for that set; callers pick the wrapper once per call with cpu_isa(). (GCC's

@@ -42,5 +42,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "decode attention reading K/V in place from the paged cache");
   m.def("linear", &linear, "x W^T (+ b) with W packed in 16-output panels, fp32");
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows in one pass");
+  m.def("rope_qk", &rope_qk,
+        "q/k per-head RMSNorm, NeoX rotary in place, and the new KV rows into the cache",
+        py::arg("q"), py::arg("k"), py::arg("cos"), py::arg("sin"), py::arg("q_norm"),
+        py::arg("k_norm"), py::arg("eps"), py::arg("cache") = py::none(),
+        py::arg("slots") = py::none(), py::arg("v") = py::none());
   m.def("isa", &isa_name, "the instruction set the kernels run with: avx512, avx2 or base");
 }

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from workers import kernels
 from workers.models.attention import AttentionMetadata, KVLayout, paged_attention, write_kv
 from workers.models.decoder import DecoderLayer, DecoderLM
 from workers.models.layers import MLP, Linear, RMSNorm, apply_rotary
@@ -53,10 +54,14 @@ class GQAttention(nn.Module):
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
-        write_kv(cache, meta, torch.stack((k, v), dim=1))  # cache [S, 2, Hkv, D]
+        qn, kn = self.q_norm, self.k_norm
+        norms = (qn.weight, kn.weight) if qn is not None and kn is not None else None
+        eps = qn.eps if qn is not None else 0.0
+        if not kernels.rope_qk(q, k, v, cos_sin, norms, eps, cache, meta.slot_mapping):
+            if qn is not None and kn is not None:
+                q, k = qn(q), kn(k)
+            q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+            write_kv(cache, meta, torch.stack((k, v), dim=1))  # cache [S, 2, Hkv, D]
         out = paged_attention(  # contexts [b, L, 2, Hkv, D]: K and V
             q, cache, meta, lambda ctx: (ctx[:, :, 0], ctx[:, :, 1]), self.scale, self.kv_layout
         )  # [T, Hq, D]
