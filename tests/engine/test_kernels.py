@@ -110,6 +110,51 @@ def test_rope_qk_leaves_other_tensors_to_torch():
     assert cache.abs().sum() == 0
 
 
+@pytest.mark.parametrize("t,e,k", [(0, 16, 2), (1, 8, 1), (64, 16, 2), (300, 128, 8)])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_softmax_topk_equals_torch(t, e, k, renormalize):
+    logits = torch.randn(t, e, generator=torch.Generator().manual_seed(t + e + k)) * 4
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    want_w, want_ids = torch.topk(probs, k, dim=-1)
+    if renormalize:
+        want_w = want_w / want_w.sum(dim=-1, keepdim=True)
+    with torch.no_grad():
+        got = kernels.softmax_topk(logits, k, renormalize)
+    assert got is not None
+    assert torch.equal(got[0], want_ids)
+    torch.testing.assert_close(got[1], want_w, atol=1e-6, rtol=1e-5)
+
+
+def test_softmax_topk_keeps_ids_in_range_for_degenerate_logits():
+    logits = torch.tensor([[float("nan")] * 4, [float("inf"), 0, 0, float("-inf")], [0.0] * 4])
+    with torch.no_grad():
+        ids, _ = kernels.softmax_topk(logits, 2, True)
+    assert ids.min() >= 0 and ids.max() < 4
+    assert ids[2].tolist() == [0, 1]  # ties: lower expert first
+
+
+@pytest.mark.parametrize("t,k", [(0, 2), (1, 1), (64, 2), (97, 4)])
+def test_group_pairs_equals_the_torch_grouping(t, k):
+    """Pairs grouped by local expert in (token, k) order, as RoutedExperts.compute's torch path
+    groups them (a stable sort), with experts owned elsewhere (-1) left out."""
+    gen = torch.Generator().manual_seed(t * 10 + k)
+    e = 16
+    ids = torch.argsort(torch.rand(t, e, generator=gen), dim=-1)[:, :k].contiguous()  # [T, K]
+    weights = torch.rand(t, k, generator=gen)
+    expert_map = torch.full((e,), -1, dtype=torch.int64)
+    owned = torch.tensor([1, 4, 5, 9, 15])
+    expert_map[owned] = torch.arange(len(owned))
+    local, order = torch.sort(expert_map[ids].flatten(), stable=True)
+    counts = torch.bincount(local + 1, minlength=len(owned) + 1)
+    order = order[int(counts[0]) :]
+    with torch.no_grad():
+        got = kernels.group_pairs(ids, weights, expert_map, len(owned))
+    assert got is not None
+    assert torch.equal(got[0], order // k)
+    assert torch.equal(got[1], weights.flatten()[order])
+    assert got[2].tolist() == counts[1:].tolist()
+
+
 @pytest.mark.parametrize("shape", [(1, 8), (5, 13), (64, 512), (300, 3, 64)])
 def test_rms_norm_equals_the_torch_formula(shape):
     gen = torch.Generator().manual_seed(len(shape) + shape[-1])

@@ -31,15 +31,19 @@ __all__ = [
     "pack_panels",
     "paged_decode_attention",
     "rms_norm",
+    "group_pairs",
     "rope_qk",
     "routed_ffn",
+    "softmax_topk",
 ]
 
 HERE = Path(__file__).parent
 SOURCES = [
     HERE / n
-    for n in ("ops.cpp", "moe.cpp", "attention.cpp", "linear.cpp", "norm.cpp", "rope.cpp")
-    + ("kernels.h", "gemm.h")
+    for n in (
+        *("ops.cpp", "moe.cpp", "attention.cpp", "linear.cpp", "norm.cpp", "rope.cpp"),
+        *("route.cpp", "kernels.h", "gemm.h"),
+    )
 ]
 NAME = "moe_kernels"
 
@@ -147,6 +151,27 @@ def rope_qk(
     return True
 
 
+def softmax_topk(
+    logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Softmax top-k gating in one C++ call (route.cpp): logits [T, E] fp32 -> ids [T, K]
+    int64, weights [T, K] fp32; None when the kernel cannot run here."""
+    fn = _cpu_kernel("softmax_topk", logits)
+    return None if fn is None else fn(logits, top_k, renormalize)
+
+
+def group_pairs(
+    ids: torch.Tensor, weights: torch.Tensor, expert_map: torch.Tensor, num_local: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """ids [T, K] global expert ids, weights [T, K] fp32, expert_map [E] (local expert or -1)
+    -> (tokens [N], weights [N], counts [El] int64): the owned (token, expert) pairs grouped by
+    local expert, (token, k) order within each (route.cpp); None when it cannot run here."""
+    fn = _cpu_kernel("group_pairs", weights, expert_map, fp32=False)
+    if fn is None or weights.dtype != torch.float32 or ids.device.type != "cpu":
+        return None
+    return fn(ids.contiguous(), weights.contiguous(), expert_map.contiguous(), num_local)
+
+
 PACK = 16  # output columns per packed panel (gemm.h)
 
 
@@ -180,7 +205,7 @@ def routed_ffn(
     x: torch.Tensor,
     tokens: torch.Tensor,
     weights: torch.Tensor,
-    counts: list[int],
+    counts: list[int] | torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
     packed: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -191,7 +216,9 @@ def routed_ffn(
     fn = _cpu_kernel("routed_ffn", x, fp32=False)
     if fn is None:
         return None
-    counts_t = torch.tensor(counts, dtype=torch.int64)
+    counts_t = (
+        counts if isinstance(counts, torch.Tensor) else torch.tensor(counts, dtype=torch.int64)
+    )
     w13p, w2p = packed if packed is not None else (None, None)
     return fn(x.contiguous(), tokens, weights, counts_t, w13.detach(), w2.detach(), w13p, w2p)
 

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <tuple>
 
 torch::Tensor routed_ffn(torch::Tensor x, torch::Tensor tokens, torch::Tensor weights,
                          torch::Tensor counts, torch::Tensor w13, torch::Tensor w2,
@@ -22,6 +23,14 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t n,
                      c10::optional<torch::Tensor> bias);
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+
+std::tuple<torch::Tensor, torch::Tensor> softmax_topk(torch::Tensor logits, int64_t k,
+                                                      bool renormalize);
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_pairs(torch::Tensor ids,
+                                                                    torch::Tensor weights,
+                                                                    torch::Tensor expert_map,
+                                                                    int64_t num_local);
 
 void rope_qk(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin,
              c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm,

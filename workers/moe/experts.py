@@ -156,6 +156,13 @@ class RoutedExperts(nn.Module):
             return torch.zeros_like(x)
         if self._grouped_mm_on(x):
             return self._grouped(x, topk_ids, topk_weights)
+        if self.use_kernel:  # C++: pairs grouped, then experts across threads (workers/kernels)
+            grouped = kernels.group_pairs(topk_ids, topk_weights, self.expert_map, el)
+            if grouped is not None:
+                tokens, w, counts_t = grouped  # [N], [N], [El]
+                out = kernels.routed_ffn(x, tokens, w, counts_t, self.w13, self.w2, self._panels(x))
+                if out is not None:
+                    return out
         local = self.expert_map[topk_ids].flatten()  # [T*K] local expert, -1 if owned elsewhere
         local, order = torch.sort(local, stable=True)  # order: [T*K] flat (token, k) positions
         counts = torch.bincount(local + 1, minlength=el + 1).tolist()  # [1 + El]; [0]: not ours

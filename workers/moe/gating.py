@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from workers import kernels
+
 __all__ = ["grouped_sigmoid_topk", "softmax_topk"]
 
 
@@ -15,6 +17,9 @@ def softmax_topk(
     logits: torch.Tensor, top_k: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen-MoE / Mixtral gating. logits [T, E] -> ids [T, K] int64, weights [T, K] fp32."""
+    fused = kernels.softmax_topk(logits, top_k, renormalize)  # one C++ call for fp32 on the CPU
+    if fused is not None:
+        return fused
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
     weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, K]
     if renormalize:
