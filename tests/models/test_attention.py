@@ -16,6 +16,7 @@ from workers.models.attention import (
     padding_groups,
     paged_attention,
 )
+from workers.models.layers import RotaryTable, rotary_cos_sin
 
 
 def test_tails_are_not_padded_to_a_long_prompt():
@@ -158,3 +159,21 @@ def test_values_narrower_than_keys(cached, new):
         row += n
     assert got.shape == (sum(new), heads, dv)
     torch.testing.assert_close(got, torch.stack(out), atol=1e-5, rtol=0)
+
+
+def test_rotary_table_rows_equal_the_computed_ones():
+    """The cached cos/sin rows equal rotary_cos_sin's for the same positions, also after the
+    table grows past its first size, and in another dtype."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+    table = RotaryTable(inv_freq, 0.7)
+    for positions in (torch.tensor([0, 5, 255]), torch.tensor([3, 700, 1]), torch.arange(40)):
+        for dtype in (torch.float32, torch.bfloat16):
+            got = table(positions, dtype)
+            want = rotary_cos_sin(positions, inv_freq, 0.7, dtype)
+            for g, w in zip(got, want, strict=True):
+                assert g.dtype == dtype
+                torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+    assert [t.shape for t in table(torch.zeros(0, dtype=torch.int64), torch.float32)] == [
+        (0, 64),
+        (0, 64),
+    ]

@@ -14,7 +14,7 @@ from torch import nn
 
 from workers.models.attention import AttentionMetadata, sdpa_backends
 from workers.models.base import CausalLM
-from workers.models.layers import Linear, RMSNorm, rotary_cos_sin
+from workers.models.layers import Linear, RMSNorm, RotaryTable
 from workers.models.rope import rope_from_config
 
 __all__ = ["DecoderLM", "DecoderLayer"]
@@ -59,12 +59,13 @@ class DecoderLM(CausalLM):
         self.kv_token_shape = kv_token_shape
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.rope = rope_from_config(config, rope_dim)
+        self.rotary = RotaryTable(self.rope.inv_freq, self.rope.scaling)
 
     def forward(
         self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: Sequence[torch.Tensor]
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T, H]
-        cos_sin = rotary_cos_sin(meta.positions, self.rope.inv_freq, self.rope.scaling, x.dtype)
+        cos_sin = self.rotary(meta.positions, x.dtype)  # [T, D] each
         with sdpa_backends(x.device):
             for layer, cache in zip(self.model.layers, kv_cache, strict=True):
                 x = layer(x, cos_sin, meta, cache)

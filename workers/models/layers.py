@@ -16,6 +16,7 @@ __all__ = [
     "MLP",
     "Linear",
     "RMSNorm",
+    "RotaryTable",
     "apply_rotary",
     "apply_rotary_interleaved",
     "rotary_cos_sin",
@@ -73,6 +74,34 @@ def rotary_cos_sin(
     freqs = positions[:, None].float() * inv_freq.float()[None, :]  # [T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+class RotaryTable:
+    """rotary_cos_sin's rows for positions [0, n), computed once and grown (doubled) when a
+    step reaches past them: a step then indexes its positions' rows (two index_selects)
+    instead of recomputing them (six ops)."""
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float) -> None:
+        self.inv_freq, self.scaling = inv_freq, scaling
+        self._tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] int64 -> cos, sin [T, D] (as rotary_cos_sin)."""
+        if positions.numel() == 0:
+            return rotary_cos_sin(positions, self.inv_freq, self.scaling, dtype)
+        key = (dtype, positions.device)
+        cos, sin = self._tables.get(key, (None, None))
+        need = int(positions.max()) + 1
+        if cos is None or sin is None or cos.shape[0] < need:
+            n = max(need, 2 * (0 if cos is None else cos.shape[0]), 256)
+            every = torch.arange(n, device=positions.device)
+            cos, sin = rotary_cos_sin(
+                every, self.inv_freq.to(positions.device), self.scaling, dtype
+            )
+            self._tables[key] = (cos, sin)
+        return cos.index_select(0, positions), sin.index_select(0, positions)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
