@@ -155,6 +155,24 @@ def test_group_pairs_equals_the_torch_grouping(t, k):
     assert got[2].tolist() == counts[1:].tolist()
 
 
+def test_greedy_rows_equal_argmax_and_the_finite_check():
+    logits = torch.randn(70, 4099, generator=torch.Generator().manual_seed(3))
+    logits[3, 5] = float("nan")
+    logits[4, 9] = float("inf")
+    logits[5, 7] = float("-inf")
+    logits[6] = 1.0  # a tie everywhere: the first index, as torch.argmax
+    with torch.no_grad():
+        got = kernels.greedy_rows(logits)
+    assert got is not None
+    ids, finite = got
+    assert finite == torch.isfinite(logits).all(-1).tolist()
+    want = torch.argmax(logits, -1).tolist()
+    assert [i for i, f in zip(ids, finite, strict=True) if f] == [
+        w for w, f in zip(want, finite, strict=True) if f
+    ]
+    assert ids[6] == 0
+
+
 @pytest.mark.parametrize("shape", [(1, 8), (5, 13), (64, 512), (300, 3, 64)])
 def test_rms_norm_equals_the_torch_formula(shape):
     gen = torch.Generator().manual_seed(len(shape) + shape[-1])

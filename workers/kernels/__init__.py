@@ -31,6 +31,7 @@ __all__ = [
     "pack_panels",
     "paged_decode_attention",
     "rms_norm",
+    "greedy_rows",
     "group_pairs",
     "rope_qk",
     "routed_ffn",
@@ -42,7 +43,7 @@ SOURCES = [
     HERE / n
     for n in (
         *("ops.cpp", "moe.cpp", "attention.cpp", "linear.cpp", "norm.cpp", "rope.cpp"),
-        *("route.cpp", "kernels.h", "gemm.h"),
+        *("route.cpp", "greedy.cpp", "kernels.h", "gemm.h"),
     )
 ]
 NAME = "moe_kernels"
@@ -170,6 +171,16 @@ def group_pairs(
     if fn is None or weights.dtype != torch.float32 or ids.device.type != "cpu":
         return None
     return fn(ids.contiguous(), weights.contiguous(), expert_map.contiguous(), num_local)
+
+
+def greedy_rows(logits: torch.Tensor) -> tuple[list[int], list[bool]] | None:
+    """logits [N, V] fp32 -> per row torch.argmax's index and whether every logit is finite,
+    in one pass (greedy.cpp); None when the kernel cannot run here."""
+    fn = _cpu_kernel("greedy_rows", logits)
+    if fn is None or logits.dim() != 2 or logits.shape[1] == 0:
+        return None
+    ids, finite = fn(logits)
+    return ids.tolist(), finite.tolist()
 
 
 PACK = 16  # output columns per packed panel (gemm.h)

@@ -32,6 +32,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> group_pairs(torch::Tenso
                                                                     torch::Tensor expert_map,
                                                                     int64_t num_local);
 
+std::tuple<torch::Tensor, torch::Tensor> greedy_rows(torch::Tensor logits);
+
 void rope_qk(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin,
              c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm,
              double eps, c10::optional<torch::Tensor> cache, c10::optional<torch::Tensor> slots,

@@ -6,7 +6,7 @@
 // first from a shared counter by the intra-op threads; each item runs single-threaded (nested
 // parallelism is off inside the region), gathers its rows, computes
 // silu(x W_gate^T) * (x W_up^T) * w, projects down into its rows of a [N, H] buffer; one
-// index_add_ then sums each token's pairs. fp32 items of up to SMALL rows (a decode step's
+// sum in pair order (index_add_'s) then adds up each token's pairs. fp32 items of up to SMALL rows (a decode step's
 // few rows per expert) run gemm.h's register-tiled product and a vectorized SwiGLU, compiled
 // per instruction set, with no ATen call; larger items and other dtypes use ATen's matmuls
 // (MKL/oneDNN sgemm, tuned for large M).
@@ -24,6 +24,7 @@ namespace {
 
 constexpr int64_t ROWS = 128;  // rows per work item: balance across threads vs per-call overhead
 constexpr int64_t SMALL = 32;  // items of at most this many fp32 rows take the small-M path
+constexpr int64_t SUM_PAIRS = 4096;  // pairs summed by a plain loop (more: index_add_'s threads)
 
 struct Item {
   int64_t expert, start, rows;
@@ -178,6 +179,20 @@ torch::Tensor routed_ffn(torch::Tensor x, torch::Tensor tokens, torch::Tensor we
     }
   });
   auto out = torch::zeros({t, h}, x.options());
-  out.index_add_(0, tokens, ys);
+  if (!small_ok || n > SUM_PAIRS) {
+    out.index_add_(0, tokens, ys);
+    return out;
+  }
+  // out[tokens[p]] += ys[p] in pair order: index_add_'s order (same sums, bit for bit) without
+  // its dispatch and scatter set-up, which cost more than the sums for a decode step's pairs
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  const float* y = ys.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t p = 0; p < n; ++p) {
+    TORCH_CHECK(tok[p] >= 0 && tok[p] < t, "a pair's token is not a row of x");
+    float* dst = o + tok[p] * h;
+    const float* src = y + p * h;
+    for (int64_t c = 0; c < h; ++c) dst[c] += src[c];
+  }
   return out;
 }

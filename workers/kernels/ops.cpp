@@ -44,6 +44,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows in one pass");
   m.def("softmax_topk", &softmax_topk, "router logits -> top-k expert ids and softmax weights");
   m.def("group_pairs", &group_pairs, "a rank's (token, expert) pairs grouped by local expert");
+  m.def("greedy_rows", &greedy_rows, "per row: argmax and whether every logit is finite");
   m.def("rope_qk", &rope_qk,
         "q/k per-head RMSNorm, NeoX rotary in place, and the new KV rows into the cache",
         py::arg("q"), py::arg("k"), py::arg("cos"), py::arg("sin"), py::arg("q_norm"),
