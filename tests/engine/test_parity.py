@@ -48,8 +48,11 @@ def transformers_greedy(
     return tokens, logprobs
 
 
+@pytest.mark.parametrize("kernels", ["on", "off"])  # off: every pure-torch fallback path
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
-def test_greedy_tokens_match_transformers(name, tiny_checkpoint):
+def test_greedy_tokens_match_transformers(name, kernels, tiny_checkpoint, monkeypatch):
+    if kernels == "off":
+        monkeypatch.setenv("MOE_KERNELS", "0")
     path = tiny_checkpoint(name)
     config = EngineConfig(block_size=4, scheduler=SchedulerConfig(max_num_batched_tokens=24))
     engine = build_engine(path, config=config)

@@ -2,11 +2,12 @@
 
 `routed_ffn` (the fused routed-expert FFN, `moe.cpp`), `paged_decode_attention` (decode
 attention reading K/V in place, `attention.cpp`), `linear` (projections of up to a few
-hundred rows, `linear.cpp`), `rms_norm` (`norm.cpp`) and `rope_qk` (q/k norm + rotary + KV write,
-`rope.cpp`) return None (rope_qk: False) when the kernel is not built (no
-compiler on the machine), disabled (`MOE_KERNELS=0`) or cannot take the tensors (not on the
-CPU, autograd on, a dtype it lacks): callers then use their pure-torch path, which computes
-the same thing. The build lives in
+hundred rows over packed weights, `linear.cpp`), `rms_norm` (`norm.cpp`), `rope_qk` (q/k norm,
+rotary and KV write, `rope.cpp`), `softmax_topk` and `group_pairs` (routing, `route.cpp`) and
+`greedy_rows` (the sampler's pass, `greedy.cpp`) return None (rope_qk: False) when the kernel
+is not built (no compiler on the machine), disabled (`MOE_KERNELS=0`) or cannot take the
+tensors (not on the CPU, autograd on, a dtype it lacks): callers then use their pure-torch
+path, which computes the same thing. The build lives in
 `_build/<hash of the sources>/`, so a changed source is never loaded stale.
 """
 
@@ -26,13 +27,13 @@ __all__ = [
     "Panels",
     "build_dir",
     "enabled",
+    "greedy_rows",
+    "group_pairs",
     "kernel",
     "linear",
     "pack_panels",
     "paged_decode_attention",
     "rms_norm",
-    "greedy_rows",
-    "group_pairs",
     "rope_qk",
     "routed_ffn",
     "softmax_topk",
