@@ -204,13 +204,14 @@ class RoutedExperts(nn.Module):
         y = torch._grouped_mm(g, self.w2.transpose(1, 2), offs=offs)  # [N, H]
         return torch.zeros_like(x).index_add_(0, tokens, y)
 
-    def _panels(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    def _panels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The weights packed for the kernel (kernels.Panels), current with w13/w2; None off
         the CPU or in other dtypes than fp32 (the kernel then reads w13/w2)."""
         w13, w2 = self.w13, self.w2
         if x.device.type != "cpu" or x.dtype != torch.float32 or w13.dtype != torch.float32:
             return None
-        return self._packed.of(w13, w2)
+        w13p, w2p = self._packed.of(w13, w2)
+        return w13p, w2p
 
     def _swiglu(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """h [..., 2I] (gate, up), w broadcastable to [..., 1] -> silu(gate) * up * w [..., I],
