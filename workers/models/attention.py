@@ -42,6 +42,7 @@ class AttentionPart:
     query_index: torch.Tensor  # [b, Q] int64: row in T of each padded query (pad: last real row)
     token_index: torch.Tensor  # [n] int64: row of each of the part's tokens in the [b * Q] queries
     # [b, 1, Q, L] bool: True where a query may attend a key (causal + length); None when causal
+    # (SDPA's own mask) or decode (built from context_lens by the torch path, the kernel needs none)
     mask: torch.Tensor | None
     context_lens: torch.Tensor  # [b] int64: each sequence's context length (cached + new)
     decode: bool  # one new token per sequence (Q = 1)
@@ -197,6 +198,17 @@ def _part(
     offsets = torch.arange(block_size, dtype=torch.int64)
     context_slots = (tables[:, :, None] * block_size + offsets).reshape(b, nb * block_size)
     context_slots = context_slots[:, :width]  # [b, L]
+    if q == 1:  # decodes: sequence i's one query is row starts[i]; its mask only where read
+        return AttentionPart(
+            rows=None if whole else starts.to(device),
+            context_slots=context_slots.to(device),
+            query_index=starts[:, None].to(device),
+            token_index=torch.arange(b, device=device),
+            mask=None,
+            context_lens=ctx.to(device),
+            decode=True,
+            causal=False,
+        )
     qi = torch.arange(q, dtype=torch.int64)[None, :]  # [1, Q]
     q_clamped = torch.minimum(qi, (new_t - 1)[:, None])  # [b, Q] pad rows repeat the last
     query_index = starts[:, None] + q_clamped  # [b, Q]
@@ -255,6 +267,13 @@ def paged_attention(
     return out
 
 
+def _decode_mask(part: AttentionPart) -> torch.Tensor:
+    """A decode part's mask [b, 1, 1, L]: each sequence's one query sees its whole context."""
+    width = part.context_slots.shape[1]
+    keys = torch.arange(width, device=part.context_lens.device)
+    return (keys[None, :] < part.context_lens[:, None])[:, None, None, :]
+
+
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: AttentionPart, scale: float
 ) -> torch.Tensor:
@@ -283,8 +302,8 @@ def _attend(
         )[..., :dv]  # [b, Hq, Q, Dv]
         return out.transpose(1, 2).reshape(b * nq, hq, dv)[part.token_index]
     qg = qp.view(b, nq, hkv, g, dk).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * nq, dk)
-    assert part.mask is not None
-    mask = part.mask if g == 1 else part.mask.repeat(1, 1, g, 1)  # [b, 1, G*Q, L]
+    mask = part.mask if part.mask is not None else _decode_mask(part)  # [b, 1, Q, L]
+    mask = mask if g == 1 else mask.repeat(1, 1, g, 1)  # [b, 1, G*Q, L]
     out = F.scaled_dot_product_attention(
         qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
     )[..., :dv]  # [b, Hkv, G*Q, Dv]
