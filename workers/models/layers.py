@@ -78,28 +78,35 @@ def rotary_cos_sin(
 
 class RotaryTable:
     """rotary_cos_sin's rows for positions [0, n), computed once and grown (doubled) when a
-    step reaches past them: a step then indexes its positions' rows (two index_selects)
-    instead of recomputing them (six ops)."""
+    step reaches past them: a step on the CPU then indexes its positions' rows (two
+    index_selects) instead of recomputing them (six ops)."""
 
     def __init__(self, inv_freq: torch.Tensor, scaling: float) -> None:
         self.inv_freq, self.scaling = inv_freq, scaling
         self._tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        """inv_freq on `device`, copied there once."""
+        if device not in self._inv_freq_on:
+            self._inv_freq_on[device] = self.inv_freq.to(device)
+        return self._inv_freq_on[device]
 
     def __call__(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] int64 -> cos, sin [T, D] (as rotary_cos_sin)."""
-        if positions.numel() == 0:
-            return rotary_cos_sin(positions, self.inv_freq, self.scaling, dtype)
+        if positions.numel() == 0 or positions.device.type != "cpu":
+            # on an accelerator, reading the largest position back would sync the device every
+            # step; computing the rows there is a few small kernels
+            return rotary_cos_sin(positions, self._inv_freq(positions.device), self.scaling, dtype)
         key = (dtype, positions.device)
         cos, sin = self._tables.get(key, (None, None))
         need = int(positions.max()) + 1
         if cos is None or sin is None or cos.shape[0] < need:
             n = max(need, 2 * (0 if cos is None else cos.shape[0]), 256)
             every = torch.arange(n, device=positions.device)
-            cos, sin = rotary_cos_sin(
-                every, self.inv_freq.to(positions.device), self.scaling, dtype
-            )
+            cos, sin = rotary_cos_sin(every, self._inv_freq(positions.device), self.scaling, dtype)
             self._tables[key] = (cos, sin)
         return cos.index_select(0, positions), sin.index_select(0, positions)
 
