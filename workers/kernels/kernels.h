@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <tuple>
 
 torch::Tensor routed_ffn(torch::Tensor x, torch::Tensor tokens, torch::Tensor weights,
@@ -116,4 +117,20 @@ MOE_INLINE v8f exp8(v8f x) {
   const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
   y = y * reinterpret_cast<const v8f&>(bits);
   return under ? v8f{} : y;
+}
+
+// One RMSNorm row, y = w * x / sqrt(mean(x^2) + eps) with fp32 statistics (transformers'
+// formula); y may be x (in place: each element is read before it is written).
+MOE_INLINE void rms_norm_row(const float* x, const float* w, float* y, int64_t d, float eps) {
+  const int64_t d8 = d - d % 8;
+  v8f acc{};
+  for (int64_t c = 0; c < d8; c += 8) {
+    const v8f v = load8(x + c);
+    acc += v * v;
+  }
+  float ss = hsum8(acc);
+  for (int64_t c = d8; c < d; ++c) ss += x[c] * x[c];
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+  for (int64_t c = 0; c < d8; c += 8) store8(y + c, load8(w + c) * (load8(x + c) * inv));
+  for (int64_t c = d8; c < d; ++c) y[c] = w[c] * (x[c] * inv);
 }

@@ -7,8 +7,6 @@
 
 #include <ATen/Parallel.h>
 
-#include <cmath>
-
 namespace {
 
 constexpr int64_t GRAIN = 64;  // rows per thread chunk: small steps stay on one thread
@@ -22,20 +20,8 @@ struct Rows {
 };
 
 MOE_INLINE void norm_rows(const Rows& a, int64_t lo, int64_t hi) {
-  const int64_t d = a.d, d8 = d - d % 8;
   for (int64_t r = lo; r < hi; ++r) {
-    const float* x = a.x + r * d;
-    float* y = a.y + r * d;
-    v8f acc{};
-    for (int64_t c = 0; c < d8; c += 8) {
-      const v8f v = load8(x + c);
-      acc += v * v;
-    }
-    float ss = hsum8(acc);
-    for (int64_t c = d8; c < d; ++c) ss += x[c] * x[c];
-    const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + a.eps);
-    for (int64_t c = 0; c < d8; c += 8) store8(y + c, load8(a.w + c) * (load8(x + c) * inv));
-    for (int64_t c = d8; c < d; ++c) y[c] = a.w[c] * (x[c] * inv);
+    rms_norm_row(a.x + r * a.d, a.w, a.y + r * a.d, a.d, a.eps);
   }
 }
 

@@ -9,7 +9,6 @@
 
 #include <ATen/Parallel.h>
 
-#include <cmath>
 #include <cstring>
 
 namespace {
@@ -29,20 +28,6 @@ struct Rope {
   int64_t hq, hkv, d;
   float eps;
 };
-
-MOE_INLINE void norm_row(float* x, const float* w, int64_t d, float eps) {
-  const int64_t d8 = d - d % 8;
-  v8f acc{};
-  for (int64_t c = 0; c < d8; c += 8) {
-    const v8f v = load8(x + c);
-    acc += v * v;
-  }
-  float ss = hsum8(acc);
-  for (int64_t c = d8; c < d; ++c) ss += x[c] * x[c];
-  const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
-  for (int64_t c = 0; c < d8; c += 8) store8(x + c, load8(w + c) * (load8(x + c) * inv));
-  for (int64_t c = d8; c < d; ++c) x[c] = w[c] * (x[c] * inv);
-}
 
 // x[i] = x[i] cos[i] - x[i + h] sin[i]; x[i + h] = x[i + h] cos[i + h] + x[i] sin[i + h].
 MOE_INLINE void rotate_row(float* x, const float* c, const float* s, int64_t d) {
@@ -66,12 +51,12 @@ MOE_INLINE void rope_tokens(const Rope& r, int64_t lo, int64_t hi) {
     const float* s = r.sin + t * d;
     for (int64_t h = 0; h < r.hq; ++h) {
       float* x = r.q + (t * r.hq + h) * d;
-      if (r.qw != nullptr) norm_row(x, r.qw, d, r.eps);
+      if (r.qw != nullptr) rms_norm_row(x, r.qw, x, d, r.eps);
       rotate_row(x, c, s, d);
     }
     float* kt = r.k + t * kv_row;
     for (int64_t h = 0; h < r.hkv; ++h) {
-      if (r.kw != nullptr) norm_row(kt + h * d, r.kw, d, r.eps);
+      if (r.kw != nullptr) rms_norm_row(kt + h * d, r.kw, kt + h * d, d, r.eps);
       rotate_row(kt + h * d, c, s, d);
     }
     if (r.cache != nullptr) {  // cache row [2, Hkv, D]: key, then value
