@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from tests.spawn import gloo_rank, run_spawned
+from workers import kernels
 from workers.moe.dispatch import AllToAllDispatcher, LocalDispatcher, make_dispatcher
 from workers.moe.experts import RoutedExperts
 from workers.moe.gating import softmax_topk
@@ -86,8 +87,14 @@ def make_experts(world: int, owned: list[int], dtype: torch.dtype) -> RoutedExpe
 
 
 def _child(rank: int, world: int, transport: str, tmp: str) -> None:
-    with gloo_rank(rank, world, tmp):
-        torch.save(_run_cases(rank, world, transport), f"{tmp}/rank{rank}.pt")
+    """transport "shm+kernels": the shared-memory path with the C++ kernels (ep.cpp; they run
+    with autograd off), "shm+mixed": kernels on rank 0 only (the same bytes on the wire)."""
+    transport, _, kernels_on = transport.partition("+")
+    grad = not (kernels_on == "kernels" or (kernels_on == "mixed" and rank == 0))
+    with gloo_rank(rank, world, tmp), torch.set_grad_enabled(grad):
+        out = _run_cases(rank, world, transport)
+        out["kernels"] = not grad and kernels.kernel("ep_plan") is not None
+        torch.save(out, f"{tmp}/rank{rank}.pt")
 
 
 def _run_cases(rank: int, world: int, transport: str) -> dict:
@@ -106,7 +113,8 @@ def _run_cases(rank: int, world: int, transport: str) -> dict:
     experts = {dt: make_experts(world, owned, dt) for dt in (torch.float32, torch.bfloat16)}
     for step in range(2):
         for layer, case in enumerate(CASES):
-            x, ids, w = make_inputs(case, world, rank)
+            with torch.enable_grad():  # the parent's inputs (the routing kernel rounds apart)
+                x, ids, w = make_inputs(case, world, rank)
             d = dispatcher.dispatch(x, ids, w, layer=layer)
             part = experts[case.dtype](d.recv_x, d.recv_topk_ids, d.recv_topk_weights)
             y = dispatcher.combine(part, d.handle)
@@ -131,7 +139,10 @@ def _run_cases(rank: int, world: int, transport: str) -> dict:
 # all-to-alls; both must give the same rows and results
 @pytest.fixture(
     scope="module",
-    params=[(2, "shm"), (4, "shm"), (2, "collective"), (4, "collective")],
+    params=[
+        *((2, "shm"), (4, "shm"), (2, "collective"), (4, "collective")),
+        *((2, "shm+kernels"), (4, "shm+kernels"), (2, "shm+mixed")),
+    ],
     ids=lambda p: f"world{p[0]}-{p[1]}",
 )
 def ranks(request, tmp_path_factory) -> tuple[int, list[dict]]:
@@ -139,7 +150,9 @@ def ranks(request, tmp_path_factory) -> tuple[int, list[dict]]:
     tmp = tmp_path_factory.mktemp(f"dispatch{world}{transport}")
     run_spawned(_child, (world, transport, str(tmp)), world, tmp, JOIN_TIMEOUT_S)
     results = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
-    assert all(res["shm"] == (transport == "shm") for res in results), "transport not taken"
+    assert all(res["shm"] == transport.startswith("shm") for res in results), "transport not taken"
+    if transport.endswith("kernels") and kernels.kernel("ep_plan") is not None:
+        assert all(res["kernels"] for res in results), "the ep.cpp kernels did not run"
     return world, results
 
 

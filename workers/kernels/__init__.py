@@ -3,11 +3,12 @@
 `routed_ffn` (the fused routed-expert FFN, `moe.cpp`), `paged_decode_attention` (decode
 attention reading K/V in place, `attention.cpp`), `linear` (projections of up to a few
 hundred rows over packed weights, `linear.cpp`), `rms_norm` (`norm.cpp`), `rope_qk` (q/k norm,
-rotary and KV write, `rope.cpp`), `softmax_topk` and `group_pairs` (routing, `route.cpp`) and
-`greedy_rows` (the sampler's pass, `greedy.cpp`) return None (rope_qk: False) when the kernel
-is not built (no compiler on the machine), disabled (`MOE_KERNELS=0`) or cannot take the
-tensors (not on the CPU, autograd on, a dtype it lacks): callers then use their pure-torch
-path, which computes the same thing. The build lives in
+rotary and KV write, `rope.cpp`), `softmax_topk` and `group_pairs` (routing, `route.cpp`),
+`greedy_rows` (the sampler's pass, `greedy.cpp`) and `ep_plan` / `ep_pack` / `ep_unpack` /
+`ep_combine` (the expert-parallel dispatch over shared memory, `ep.cpp`) return None (rope_qk,
+ep_pack: False) when the kernel is not built (no compiler on the machine), disabled
+(`MOE_KERNELS=0`) or cannot take the tensors (not on the CPU, autograd on, a dtype it lacks):
+callers then use their pure-torch path, which computes the same thing. The build lives in
 `_build/<hash of the sources>/`, so a changed source is never loaded stale.
 """
 
@@ -27,6 +28,10 @@ __all__ = [
     "Panels",
     "build_dir",
     "enabled",
+    "ep_combine",
+    "ep_pack",
+    "ep_plan",
+    "ep_unpack",
     "greedy_rows",
     "group_pairs",
     "kernel",
@@ -44,7 +49,7 @@ SOURCES = [
     HERE / n
     for n in (
         *("ops.cpp", "moe.cpp", "attention.cpp", "linear.cpp", "norm.cpp", "rope.cpp"),
-        *("route.cpp", "greedy.cpp", "kernels.h", "gemm.h"),
+        *("route.cpp", "greedy.cpp", "ep.cpp", "kernels.h", "gemm.h"),
     )
 ]
 NAME = "moe_kernels"
@@ -182,6 +187,69 @@ def greedy_rows(logits: torch.Tensor) -> tuple[list[int], list[bool]] | None:
         return None
     ids, finite = fn(logits)
     return ids.tolist(), finite.tolist()
+
+
+def ep_plan(
+    ids: torch.Tensor, expert_to_rank: torch.Tensor, world: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """ids [T, K] int64 expert ids, expert_to_rank [E] -> (send_token [S] ordered by (rank,
+    token), counts [W] int64): each token once per rank owning one of its experts (ep.cpp)."""
+    fn = _cpu_kernel("ep_plan", ids, expert_to_rank, fp32=False)
+    if fn is None or ids.dtype != torch.int64:
+        return None
+    return fn(ids, expert_to_rank.to(torch.int64), world)
+
+
+def ep_pack(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    rows: torch.Tensor,
+    out: torch.Tensor,
+) -> bool:
+    """One peer's dispatch message into `out` (uint8 [n * (H * x.element_size() + 2K * 8)]):
+    x's `rows`, then their ids and fp32 weight bits as int64 [n, 2K]; False when the kernel
+    cannot run here (ep.cpp)."""
+    fn = _cpu_kernel("ep_pack", x, ids, weights, rows, out, fp32=False)
+    if fn is None or weights.dtype != torch.float32 or not x.is_contiguous():
+        return False
+    fn(x, ids.contiguous(), weights.contiguous(), rows, out)
+    return True
+
+
+def ep_unpack(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    own: torch.Tensor,
+    messages: list[torch.Tensor],
+    counts: list[int],
+    recv_x_out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """This rank's `own` rows of x, then each peer's message (`counts` rows each, rank order)
+    -> (recv_x [R, H] in recv_x_out's first rows, recv_ids [R, K], recv_weights [R, K] fp32);
+    None when the kernel cannot run here (ep.cpp)."""
+    fn = _cpu_kernel("ep_unpack", x, ids, weights, own, recv_x_out, *messages, fp32=False)
+    if fn is None or weights.dtype != torch.float32 or not x.is_contiguous():
+        return None
+    return fn(x, ids.contiguous(), weights.contiguous(), own, messages, counts, recv_x_out)
+
+
+def ep_combine(
+    own: torch.Tensor,
+    parts: list[torch.Tensor | None],
+    send_token: torch.Tensor,
+    send_splits: list[int],
+    me: int,
+    num_tokens: int,
+) -> torch.Tensor | None:
+    """[T, H] fp32: per token the sum of its rows, one rank at a time in rank order (this
+    rank's from `own`, the others' from `parts`), as index_add_ would; None when the kernel
+    cannot run here (ep.cpp)."""
+    fn = _cpu_kernel("ep_combine", own, *(p for p in parts if p is not None))
+    if fn is None:
+        return None
+    return fn(own, parts, send_token, send_splits, me, num_tokens)
 
 
 PACK = 16  # output columns per packed panel (gemm.h)

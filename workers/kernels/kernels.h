@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 torch::Tensor routed_ffn(torch::Tensor x, torch::Tensor tokens, torch::Tensor weights,
                          torch::Tensor counts, torch::Tensor w13, torch::Tensor w2,
@@ -39,6 +40,17 @@ void rope_qk(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor 
              c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm,
              double eps, c10::optional<torch::Tensor> cache, c10::optional<torch::Tensor> slots,
              c10::optional<torch::Tensor> v);
+
+std::tuple<torch::Tensor, torch::Tensor> ep_plan(torch::Tensor ids, torch::Tensor expert_to_rank,
+                                                 int64_t world);
+void ep_pack(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, torch::Tensor rows,
+             torch::Tensor out);
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> ep_unpack(
+    torch::Tensor x, torch::Tensor ids, torch::Tensor weights, torch::Tensor own,
+    std::vector<torch::Tensor> messages, std::vector<int64_t> counts, torch::Tensor recv_x_out);
+torch::Tensor ep_combine(torch::Tensor own, std::vector<c10::optional<torch::Tensor>> parts,
+                         torch::Tensor send_token, std::vector<int64_t> send_splits, int64_t me,
+                         int64_t num_tokens);
 
 // Instruction sets: each kernel's inner function is written once (MOE_INLINE, no target) and
 // wrapped three times, with MOE_AVX512, MOE_AVX2 and no attribute, so GCC compiles the inlined

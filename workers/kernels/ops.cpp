@@ -50,5 +50,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("cos"), py::arg("sin"), py::arg("q_norm"),
         py::arg("k_norm"), py::arg("eps"), py::arg("cache") = py::none(),
         py::arg("slots") = py::none(), py::arg("v") = py::none());
+  m.def("ep_plan", &ep_plan, "expert-parallel dispatch: the (rank, token) rows to send");
+  m.def("ep_pack", &ep_pack, "expert-parallel dispatch: one peer's message (rows, ids, weights)");
+  m.def("ep_unpack", &ep_unpack, "expert-parallel dispatch: own rows and peers' messages");
+  m.def("ep_combine", &ep_combine, "expert-parallel combine: rows summed per token, rank order");
   m.def("isa", &isa_name, "the instruction set the kernels run with: avx512, avx2 or base");
 }

@@ -20,11 +20,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import torch
 import torch.distributed as dist
 
+from workers import kernels
 from workers.moe.shm_exchange import ShmExchange
 
 __all__ = [
@@ -198,6 +199,7 @@ class AllToAllDispatcher:
         # dispatch overhead over a bare all_to_all_single (bench/dispatch.py).
         self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
         self.shm: ShmExchange | None = None
+        self._bytes = torch.empty(0, dtype=torch.uint8)  # `like` of the message buffers
         if transport != "collective" and dist.get_backend(group) == dist.Backend.GLOO:
             self.shm = ShmExchange.create(group, timeout_s=timeout_s)
 
@@ -235,17 +237,11 @@ class AllToAllDispatcher:
         """x [T, H] any dtype, topk_ids [T, K] global ids, topk_weights [T, K] (sent as fp32)
         -> Dispatched. A token goes to each destination rank once, however many of its experts
         live there. Collective, even with T = 0: see the module docstring."""
-        dev, (t, h), w = x.device, x.shape, self.world
-        if dev not in self._e2r_on:
-            self._e2r_on[dev] = self.expert_to_rank.to(dev)
+        dev, (t, h) = x.device, x.shape
         ids = topk_ids.to(dev, torch.int64)  # [T, K]
-        dest = self._e2r_on[dev][ids]  # [T, K] rank owning each chosen expert
-        to = torch.zeros(w, t, dtype=torch.bool, device=dev)  # [W, T]: token t goes to rank d
-        to.scatter_(0, dest.t(), True)  # dedupe: two experts on one rank set the same flag
-        send_rank, send_token = to.nonzero(as_tuple=True)  # [S], [S] ordered by (rank, token)
-        send_counts = torch.bincount(send_rank, minlength=w)  # [W] int64
         if self.shm is not None and dev.type == "cpu":
-            return self._dispatch_shm(x, ids, topk_weights, send_token, send_counts, layer)
+            return self._dispatch_shm(x, ids, topk_weights, layer)
+        send_token, send_counts = self._plan(ids)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
@@ -266,8 +262,7 @@ class AllToAllDispatcher:
         # in flight: the fp32 weights' bits, widened int32 -> int64 and narrowed back, come out
         # exactly (no float conversion anywhere). Packing them into the x rows' bytes too (one
         # collective fewer) measured slower on CPU gloo: the copies of the wide rows cost more.
-        bits = topk_weights.to(dev, torch.float32).contiguous().view(torch.int32).to(torch.int64)
-        packed = torch.cat([ids, bits], dim=1)  # [T, 2K]
+        packed = _pack_meta(ids, topk_weights.to(dev, torch.float32).contiguous())  # [T, 2K]
         meta = torch.cat(  # [R, 2K], in recv_x's order
             [
                 packed.index_select(0, send_token[lo : lo + n_self]),
@@ -284,53 +279,80 @@ class AllToAllDispatcher:
         handle = DispatchHandle(send_token, send_splits, recv_splits, num_tokens=t)
         return Dispatched(recv_x, recv_ids, recv_weights, handle)
 
+    def _plan(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [T, K] int64 -> (send_token [S] ordered by (rank, token), send_counts [W])."""
+        dev, t = ids.device, ids.shape[0]
+        if dev not in self._e2r_on:
+            self._e2r_on[dev] = self.expert_to_rank.to(dev)
+        dest = self._e2r_on[dev][ids]  # [T, K] rank owning each chosen expert
+        to = torch.zeros(self.world, t, dtype=torch.bool, device=dev)  # [W, T]: t goes to rank d
+        to.scatter_(0, dest.t(), True)  # dedupe: two experts on one rank set the same flag
+        send_rank, send_token = to.nonzero(as_tuple=True)  # [S], [S] ordered by (rank, token)
+        return send_token, torch.bincount(send_rank, minlength=self.world)  # [W] int64
+
     def _dispatch_shm(
-        self,
-        x: torch.Tensor,
-        ids: torch.Tensor,
-        topk_weights: torch.Tensor,
-        send_token: torch.Tensor,
-        send_counts: torch.Tensor,
-        layer: int,
+        self, x: torch.Tensor, ids: torch.Tensor, topk_weights: torch.Tensor, layer: int
     ) -> Dispatched:
         """`dispatch` over shared memory: to each peer one message, its rows [n, H] then their
-        ids + weights [n, 2K] int64; the receiver learns n from the message's length."""
+        ids + weights [n, 2K] int64; the receiver learns n from the message's length. With the
+        kernels (ep.cpp) the plan, each message and the received rows are one call each."""
         assert self.shm is not None
         (t, h), me, k = x.shape, self.rank, ids.shape[1]
-        bits = topk_weights.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-        packed = torch.cat([ids, bits], dim=1)  # [T, 2K]
+        x = x.contiguous()
+        weights = topk_weights.to(torch.float32).contiguous()  # [T, K]
+        planned = kernels.ep_plan(ids, self.expert_to_rank, self.world)
+        send_token, send_counts = planned if planned is not None else self._plan(ids)
         send_splits = send_counts.tolist()
+        row_x, row_meta = h * x.element_size(), 2 * k * 8
+        packed: torch.Tensor | None = None  # [T, 2K] int64, the torch path's ids + weight bits
         sends: list[list[torch.Tensor] | None] = [None] * self.world
         start = 0
         for r, n in enumerate(send_splits):
             if r != me:
                 rows = send_token[start : start + n]
-                sends[r] = [x.index_select(0, rows), packed.index_select(0, rows)]
+                msg = self._buffer(f"to{r}", self._bytes, n * (row_x + row_meta))
+                if kernels.ep_pack(x, ids, weights, rows, msg):
+                    sends[r] = [msg]
+                else:
+                    packed = _pack_meta(ids, weights) if packed is None else packed
+                    sends[r] = [x.index_select(0, rows), packed.index_select(0, rows)]
             start += n
         got = self.shm.exchange(sends)
-        row_x, row_meta = h * x.element_size(), 2 * k * 8
         recv_splits = [
             send_splits[me] if r == me else _message_rows(got[r], row_x + row_meta, r)
             for r in range(self.world)
         ]
+        self.counters.record(layer, _traffic(send_splits, recv_splits, me, row_x))
+        handle = DispatchHandle(send_token, send_splits, recv_splits, num_tokens=t)
         recv_x = self._buffer("recv", x, sum(recv_splits))  # [R, H]: own rows, then the others
-        meta = packed.new_empty(sum(recv_splits), 2 * k)  # [R, 2K]
         lo = sum(send_splits[:me])
         own = send_token[lo : lo + send_splits[me]]
+        peers = [r for r in range(self.world) if r != me]
+        unpacked = kernels.ep_unpack(
+            x,
+            ids,
+            weights,
+            own,
+            [cast(torch.Tensor, got[r]) for r in peers],  # every peer sent one (maybe empty)
+            [recv_splits[r] for r in peers],
+            recv_x,
+        )
+        if unpacked is not None:
+            return Dispatched(*unpacked, handle=handle)
+        packed = _pack_meta(ids, weights) if packed is None else packed
+        meta = packed.new_empty(sum(recv_splits), 2 * k)  # [R, 2K]
         torch.index_select(x, 0, own, out=recv_x[: len(own)])
         torch.index_select(packed, 0, own, out=meta[: len(own)])
         at = len(own)
-        for r, n in enumerate(recv_splits):
-            msg = got[r]
-            if r == me or msg is None or not n:
+        for r in peers:
+            got_r, n = got[r], recv_splits[r]
+            if got_r is None or not n:
                 continue
-            recv_x[at : at + n].copy_(msg[: n * row_x].view(x.dtype).view(n, h))
-            meta[at : at + n].copy_(msg[n * row_x :].view(torch.int64).view(n, 2 * k))
+            recv_x[at : at + n].copy_(got_r[: n * row_x].view(x.dtype).view(n, h))
+            meta[at : at + n].copy_(got_r[n * row_x :].view(torch.int64).view(n, 2 * k))
             at += n
-        self.counters.record(layer, _traffic(send_splits, recv_splits, me, row_x))
         recv_ids = meta[:, :k].contiguous()  # [R, K]
         recv_weights = meta[:, k:].to(torch.int32).view(torch.float32)  # [R, K]
-        handle = DispatchHandle(send_token, send_splits, recv_splits, num_tokens=t)
         return Dispatched(recv_x, recv_ids, recv_weights, handle)
 
     def _combine_shm(self, send: torch.Tensor, handle: DispatchHandle) -> list[torch.Tensor | None]:
@@ -368,6 +390,11 @@ class AllToAllDispatcher:
         if self.shm is not None and send.device.type == "cpu":
             extra = overlap() if overlap is not None else None
             parts = self._combine_shm(send, handle)
+            y = kernels.ep_combine(
+                send, parts, handle.send_token, handle.send_splits, me, handle.num_tokens
+            )
+            if y is not None:
+                return y if extra is None else y + extra
         else:
             back = self._buffer("back", send, sum(handle.send_splits) - n_self)  # [S - n_self, H]
             work = dist.all_to_all_single(
@@ -390,6 +417,12 @@ class AllToAllDispatcher:
                 y.index_add_(0, handle.send_token[start : start + n], part)
             start += n
         return y if extra is None else y + extra
+
+
+def _pack_meta(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """ids [T, K] int64, weights [T, K] fp32 -> [T, 2K] int64: the ids, then the weights' bits
+    widened int32 -> int64 (narrowed back on arrival: exact, no float conversion)."""
+    return torch.cat([ids, weights.view(torch.int32).to(torch.int64)], dim=1)
 
 
 def _message_rows(msg: torch.Tensor | None, row_bytes: int, src: int) -> int:
