@@ -115,7 +115,8 @@ class ExpertParallelRank:
         self.dispatcher = make_dispatcher("auto", slot_to_rank, transport=dispatch_transport)
         self.engine.model.set_dispatcher(self.dispatcher)
         self.load = self.engine.model.track_expert_load(load_window)  # this rank's tokens only
-        self.lockstep = Lockstep(self.engine)
+        shm = self.dispatcher.shm if isinstance(self.dispatcher, AllToAllDispatcher) else None
+        self.lockstep = Lockstep(self.engine, exchange=shm)
         self.rebalances: list[RebalanceReport] = []
         if collective_timeout_s is not None:
             # joining and loading may wait long for slow peers (timeout_s); once every rank has

@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.spawn import gloo_rank, run_spawned
+from workers.engine.lockstep import any_rank_shm
 from workers.moe.shm_exchange import RING, PeerLost, ShmExchange, shm_supported
 
 pytestmark = [
@@ -52,6 +53,11 @@ def _sizes_child(rank: int, world: int, tmp: str) -> None:
                 out = ex.exchange([message(rank, d, round_) for d in range(world)])
             got[round_] = [None if m is None else m.clone() for m in out]
         got["file_left"] = os.path.exists(ex.path)  # rank 0 unlinks it before its first round
+        # the lockstep's agreement over the exchange: an element-wise OR over the ranks
+        got["any"] = [
+            any_rank_shm([rank == 1, False, rank != 2], ex),
+            any_rank_shm([False, False, False], ex),
+        ]
         ex.close()
         if rank == 1:  # one rank opts out: every rank falls back to the collectives
             os.environ["MOE_SHM_DISPATCH"] = "0"
@@ -72,6 +78,7 @@ def test_every_message_size_arrives_intact(tmp_path) -> None:
                 else:
                     assert torch.equal(got[round_][src], wire(message(src, rank, round_)))
         assert not got["file_left"], "the shared file outlived the setup"
+        assert got["any"] == [[True, False, True], [False, False, False]]
 
 
 def _fault_child(rank: int, world: int, tmp: str, fault: str) -> None:
