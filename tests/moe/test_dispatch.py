@@ -90,10 +90,11 @@ def _child(rank: int, world: int, transport: str, tmp: str) -> None:
     """transport "shm+kernels": the shared-memory path with the C++ kernels (ep.cpp; they run
     with autograd off), "shm+mixed": kernels on rank 0 only (the same bytes on the wire)."""
     transport, _, kernels_on = transport.partition("+")
-    grad = not (kernels_on == "kernels" or (kernels_on == "mixed" and rank == 0))
-    with gloo_rank(rank, world, tmp), torch.set_grad_enabled(grad):
-        out = _run_cases(rank, world, transport)
-        out["kernels"] = not grad and kernels.kernel("ep_plan") is not None
+    fast = kernels_on == "kernels" or (kernels_on == "mixed" and rank == 0)
+    with gloo_rank(rank, world, tmp):
+        with torch.inference_mode(fast):  # the engine's mode: the kernels run
+            out = _run_cases(rank, world, transport)
+        out["kernels"] = fast and kernels.kernel("ep_plan") is not None
         torch.save(out, f"{tmp}/rank{rank}.pt")
 
 
@@ -110,7 +111,8 @@ def _run_cases(rank: int, world: int, transport: str) -> dict:
     dispatcher = make_dispatcher("auto", e2r, transport=transport)
     out["backend"] = type(dispatcher).__name__
     out["shm"] = getattr(dispatcher, "shm", None) is not None
-    experts = {dt: make_experts(world, owned, dt) for dt in (torch.float32, torch.bfloat16)}
+    with torch.inference_mode(False):  # built outside inference mode, as the engine's model
+        experts = {dt: make_experts(world, owned, dt) for dt in (torch.float32, torch.bfloat16)}
     for step in range(2):
         for layer, case in enumerate(CASES):
             with torch.enable_grad():  # the parent's inputs (the routing kernel rounds apart)
@@ -129,6 +131,15 @@ def _run_cases(rank: int, world: int, transport: str) -> dict:
             else:
                 out[case.name]["y_again"] = y
                 out[case.name]["total"] = asdict(dispatcher.counters.total[layer])
+    # the reused buffers serve calls in and out of inference mode alike
+    with torch.inference_mode(not torch.is_inference_mode_enabled()), torch.enable_grad():
+        x, ids, w = make_inputs(CASES[0], world, rank)
+        d = dispatcher.dispatch(x, ids, w, layer=0)
+        y = dispatcher.combine(
+            experts[x.dtype](d.recv_x, d.recv_topk_ids, d.recv_topk_weights), d.handle
+        )
+        # the expert FFN's kernel runs in one mode only: equal within rounding
+        out["other_mode_equal"] = torch.allclose(y, out[CASES[0].name]["y"], 1e-5, 1e-5)
     dispatcher.counters.reset()
     out["after_reset"] = (len(dispatcher.counters.total), len(dispatcher.counters.last))
     dispatcher.close()
@@ -234,6 +245,7 @@ def test_dispatcher_setup(ranks) -> None:
         assert res["backend"] == "AllToAllDispatcher"
         assert f"[0, {world})" in res["bad_e2r_error"]
         assert res["after_reset"] == (0, 0)
+        assert res["other_mode_equal"], "a dispatch outside the cases' (inference) mode differs"
 
 
 def test_local_dispatcher_and_factory() -> None:

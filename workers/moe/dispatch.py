@@ -219,7 +219,8 @@ class AllToAllDispatcher:
         key, row = (name, like.dtype, like.device), math.prod(like.shape[1:])
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < rows * row:
-            buf = like.new_empty(max(rows * row * 5 // 4, 1))
+            with torch.inference_mode(False):  # written in and out of inference mode alike
+                buf = torch.empty(max(rows * row * 5 // 4, 1), dtype=like.dtype, device=like.device)
             self._buffers[key] = buf
         return buf[: rows * row].view(rows, *like.shape[1:])
 

@@ -122,7 +122,8 @@ class ShmExchange:
         self._mmap = buffer
         self._pids = list(pids)
         self._ctrl = np.frombuffer(buffer, dtype=np.int64)  # control words and slot headers
-        self._data = torch.frombuffer(buffer, dtype=torch.uint8)
+        with torch.inference_mode(False):  # written in and out of inference mode alike
+            self._data = torch.frombuffer(buffer, dtype=torch.uint8)
         self._slot = SLOT_HEADER + chunk
         self._recv: dict[int, torch.Tensor] = {}  # per source rank, reused (grown, never shrunk)
         self._closed = False
