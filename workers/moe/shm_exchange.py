@@ -19,7 +19,9 @@ Ordering: x86-64 only (total store order: the data stores are visible before the
 that publishes them; a locked instruction, `_fence`, also orders any non-temporal stores of the
 copy). Elsewhere `create` returns None and the caller keeps its process-group collectives.
 
-Waiting: a short spin, then `sched_yield`, then 50 µs sleeps; every 10 ms it checks that every
+Waiting: a short spin, then `sched_yield`, then sleeps growing from 50 µs to 1 ms (a gang's rank
+whose rank 0 waits for the core turn, i.e. for the other stage's whole step, then wakes ~1,000
+times a second on the core that stage computes on, not 20,000); every 10 ms it checks that every
 peer process is still running and has not closed, and fails after `timeout_s` (the group's
 collective timeout), so a dead or stuck peer fails the rank as gloo would.
 """
@@ -50,7 +52,8 @@ BUDGET = 16 << 20  # data bytes over all rings: /dev/shm is often small in conta
 LINE = 64  # bytes: head, tail and each closed flag on a cache line of their own
 SPIN = 50  # polls before yielding the core
 YIELD_S = 2e-3  # then sched_yield for this long, then sleep
-SLEEP_S = 50e-6
+SLEEP_S = 50e-6  # the first sleep, doubled up to MAX_SLEEP_S while the wait goes on
+MAX_SLEEP_S = 1e-3
 CHECK_S = 10e-3  # peer liveness and the timeout, this often while waiting
 _FENCE = threading.Lock()  # acquire/release: a locked instruction, a full fence on x86
 
@@ -351,9 +354,10 @@ class _Waiter:
         self.polls = 0
         self.since = 0.0  # when the current wait began (0: not waiting)
         self.check_at = 0.0
+        self.sleep_s = SLEEP_S
 
     def progress(self) -> None:
-        self.polls, self.since = 0, 0.0
+        self.polls, self.since, self.sleep_s = 0, 0.0, SLEEP_S
 
     def pause(self, pending: set[int]) -> None:
         self.polls += 1
@@ -374,4 +378,5 @@ class _Waiter:
         if now - self.since < YIELD_S:
             os.sched_yield()
         else:
-            time.sleep(SLEEP_S)
+            time.sleep(self.sleep_s)
+            self.sleep_s = min(MAX_SLEEP_S, 2 * self.sleep_s)
