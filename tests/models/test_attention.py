@@ -72,10 +72,10 @@ def _decode_case(layout_kind: str, d: int = 8):
     cached = [12, 0, 5, 30, 7, 100]
     new = [1] * len(cached)
     tables = [[i * 30 + j for j in range(30)] for i in range(len(cached))]
-    if layout_kind == "gqa":  # cache row [2, Hkv, D], 4 query heads over 2 KV heads
+    if layout_kind.startswith("gqa"):  # cache row [2, Hkv, D], 4 (gqa4: 8) query heads over 2
         hkv = 2
         cache = torch.randn(200 * block, 2, hkv, d, generator=gen)
-        q = torch.randn(len(new), 4, d, generator=gen)
+        q = torch.randn(len(new), 8 if layout_kind == "gqa4" else 4, d, generator=gen)
         layout = KVLayout(hkv, 0, d, hkv * d, d, d)
 
         def kv(ctx):
@@ -93,9 +93,11 @@ def _decode_case(layout_kind: str, d: int = 8):
     return AttentionMetadata.build(cached, new, tables, block), q, cache, layout, kv
 
 
-# head dims: 8 (one vector), 12 (a scalar tail), 64 and 136 (register blocks of 64 + rest)
+# head dims: 8 (one vector), 12 (a scalar tail), 64 and 136 (register blocks of 64 + rest);
+# 2 query heads per KV head at 64 and 4 at 32 / 64 take the one-walk-for-all-heads values
 @pytest.mark.parametrize(
-    "layout_kind,d", [("gqa", 8), ("gqa", 12), ("gqa", 64), ("gqa", 136), ("mla", 0)]
+    "layout_kind,d",
+    [("gqa", 8), ("gqa", 12), ("gqa", 64), ("gqa", 136), ("gqa4", 32), ("gqa4", 64), ("mla", 0)],
 )
 def test_decode_kernel_equals_the_torch_path(layout_kind, d):
     if kernels.kernel("paged_decode_attention") is None:

@@ -9,7 +9,9 @@
 // Work items are sequences over the intra-op threads (each one's KV heads in turn: a token's
 // heads sit side by side in its cache row, so a thread walks one sequence's rows while they
 // are fresh; 15% faster than (sequence, KV head) items on cold caches); per KV head its G
-// query heads' scores over the context, a softmax, and the weighted sum of values, in fp32.
+// query heads' scores over the context, a softmax (exponentials 8 at a time), and the weighted
+// sum of values, in fp32, one walk over the values for all G heads when G is 2 or 4 (the two
+// together ~12% faster on bench/decode_attention.py's GQA shape).
 // The item function is compiled for AVX-512, AVX2+FMA and baseline x86-64 (kernels.h) and
 // picked once per call from the CPU's instruction set.
 
@@ -114,6 +116,47 @@ MOE_INLINE void values(const Layout& a, const int64_t* sl, int64_t len, int64_t 
   }
 }
 
+// s [len] scores -> their softmax in place: the exponentials 8 at a time (exp8, relative error
+// ~1e-7), the sum in fp32.
+MOE_INLINE void softmax_row(float* s, int64_t len) {
+  const int64_t l8 = len - len % 8;
+  float mx = s[0];
+  for (int64_t q = 1; q < len; ++q) mx = std::max(mx, s[q]);
+  const v8f m = v8f{} + mx;
+  v8f acc{};
+  for (int64_t q = 0; q < l8; q += 8) {
+    const v8f e = exp8(load8(s + q) - m);
+    store8(s + q, e);
+    acc += e;
+  }
+  float sum = hsum8(acc);
+  for (int64_t q = l8; q < len; ++q) sum += (s[q] = std::exp(s[q] - mx));
+  const float inv = 1.f / sum;
+  for (int64_t q = 0; q < len; ++q) s[q] *= inv;
+}
+
+// G query heads sharing KV head h (GQA), o [G, Dv]: one walk over the value rows per block of
+// U * 8 columns serves all G heads (G * U accumulators in registers), instead of one per head.
+// w [G, len]: each head's softmax weights.
+template <int G, int U>
+MOE_INLINE void value_heads(const Layout& a, const int64_t* sl, int64_t len, int64_t h,
+                            const float* w, float* o) {
+  for (int64_t c = 0; c < a.dv; c += U * 8) {
+    v8f acc[G][U] = {};
+    for (int64_t p = 0; p < len; ++p) {
+      const float* v = value_row(a, sl[p], h) + c;
+      if (p + AHEAD < len) prefetch_row(value_row(a, sl[p + AHEAD], h) + c, U * 8);
+      for (int u = 0; u < U; ++u) {
+        const v8f x = load8(v + 8 * u);
+        for (int j = 0; j < G; ++j) acc[j][u] += w[j * len + p] * x;
+      }
+    }
+    for (int j = 0; j < G; ++j) {
+      for (int u = 0; u < U; ++u) store8(o + j * a.dv + c + 8 * u, acc[j][u]);
+    }
+  }
+}
+
 MOE_INLINE void attend_item(const Layout& a, int64_t s, int64_t h, float* scores) {
   const int64_t len = a.lens[s], g = a.g, dk = a.dk, dv = a.dv;
   const int64_t* sl = a.slots + s * a.lmax;
@@ -136,18 +179,9 @@ MOE_INLINE void attend_item(const Layout& a, int64_t s, int64_t h, float* scores
     const float* k = key_row(a, sl[p], h);
     for (int64_t j = 0; j < g; ++j) scores[j * len + p] = dot1(q0 + j * dk, k, dk) * a.scale;
   }
-  for (int64_t j = 0; j < g; ++j) {
-    float* sj = scores + j * len;
-    float mx = sj[0];
-    for (int64_t q = 1; q < len; ++q) mx = std::max(mx, sj[q]);
-    float sum = 0.f;
-    for (int64_t q = 0; q < len; ++q) {
-      sj[q] = std::exp(sj[q] - mx);
-      sum += sj[q];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t q = 0; q < len; ++q) sj[q] *= inv;
-  }
+  for (int64_t j = 0; j < g; ++j) softmax_row(scores + j * len, len);
+  if (g == 2 && dv % 64 == 0) return value_heads<2, 8>(a, sl, len, h, scores, o0);
+  if (g == 4 && dv % 32 == 0) return value_heads<4, 4>(a, sl, len, h, scores, o0);
   for (int64_t j = 0; j < g; ++j) values(a, sl, len, h, scores + j * len, o0 + j * dv);
 }
 
