@@ -6,10 +6,10 @@
 // first from a shared counter by the intra-op threads; each item runs single-threaded (nested
 // parallelism is off inside the region), gathers its rows, computes
 // silu(x W_gate^T) * (x W_up^T) * w, projects down into its rows of a [N, H] buffer; one
-// sum in pair order (index_add_'s) then adds up each token's pairs. fp32 items of up to SMALL rows (a decode step's
-// few rows per expert) run gemm.h's register-tiled product and a vectorized SwiGLU, compiled
-// per instruction set, with no ATen call; larger items and other dtypes use ATen's matmuls
-// (MKL/oneDNN sgemm, tuned for large M).
+// sum in pair order (index_add_'s) then adds up each token's pairs. fp32 items of up to SMALL
+// rows (a decode step's few rows per expert) run gemm.h's register-tiled product and a
+// vectorized SwiGLU, compiled per instruction set, with no ATen call; larger items and other
+// dtypes use ATen's matmuls (MKL/oneDNN sgemm, tuned for large M).
 
 #include "gemm.h"
 #include "kernels.h"

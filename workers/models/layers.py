@@ -83,7 +83,7 @@ class RotaryTable:
 
     def __init__(self, inv_freq: torch.Tensor, scaling: float) -> None:
         self.inv_freq, self.scaling = inv_freq, scaling
-        self._tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # CPU rows
         self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:
@@ -100,14 +100,13 @@ class RotaryTable:
             # on an accelerator, reading the largest position back would sync the device every
             # step; computing the rows there is a few small kernels
             return rotary_cos_sin(positions, self._inv_freq(positions.device), self.scaling, dtype)
-        key = (dtype, positions.device)
-        cos, sin = self._tables.get(key, (None, None))
+        cos, sin = self._tables.get(dtype, (None, None))
         need = int(positions.max()) + 1
         if cos is None or sin is None or cos.shape[0] < need:
             n = max(need, 2 * (0 if cos is None else cos.shape[0]), 256)
             every = torch.arange(n, device=positions.device)
             cos, sin = rotary_cos_sin(every, self._inv_freq(positions.device), self.scaling, dtype)
-            self._tables[key] = (cos, sin)
+            self._tables[dtype] = (cos, sin)
         return cos.index_select(0, positions), sin.index_select(0, positions)
 
 
