@@ -40,6 +40,7 @@ from workers.engine.build import build_engine
 
 pytestmark = pytest.mark.timeout(900)
 NEW_TOKENS = 160  # long enough that the kill lands mid-stream
+DRAIN_TOKENS = 640  # the drain test's: still decoding when a (0.5 s-old) status shows them
 RECOVER_S = 180  # a gang restart loads the model again on a loaded 2-core machine
 
 
@@ -150,7 +151,8 @@ GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
 class _Streams:
     """Streams run on threads; each records its chunks' token ids and its error."""
 
-    def __init__(self, target: str, prompts: list[list[int]]) -> None:
+    def __init__(self, target: str, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> None:
+        self.new_tokens = new_tokens
         self.tokens: list[list[int]] = [[] for _ in prompts]
         self.errors: list[ClientError | None] = [None] * len(prompts)
         self.started = [threading.Event() for _ in prompts]
@@ -162,7 +164,7 @@ class _Streams:
             try:
                 for chunk in c.generate(
                     prompt_token_ids=prompt,
-                    max_tokens=NEW_TOKENS,
+                    max_tokens=self.new_tokens,
                     temperature=0.0,
                     ignore_eos=True,
                 ):
@@ -184,13 +186,16 @@ class _Streams:
         self._pool.shutdown()
 
 
-def _decoding(target, client, model_dir, n: int, seed: int) -> tuple[_Streams, list, Any]:
+def _decoding(
+    target, client, model_dir, n: int, seed: int, new_tokens: int = NEW_TOKENS
+) -> tuple[_Streams, list, Any]:
     """n greedy streams decoding (most of them on decode ranks now), their offline tokens and
     the decode rank holding the most of them."""
     _wait(client, _healthy_and_idle, "a healthy idle cluster")
     prompts = _prompts(n, 12, seed=seed)
-    ref = _reference(model_dir, prompts, GREEDY)
-    streams = _Streams(target, prompts)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    ref = _reference(model_dir, prompts, params)
+    streams = _Streams(target, prompts, new_tokens)
     streams.wait_started()
     ranks = _wait(
         client,
@@ -360,7 +365,7 @@ def test_drain_finishes_in_flight_streams_and_turns_new_work_away(client, target
     """Drain one decode rank with streams on it: they finish (within router.drain_grace_s) with
     the fault-free tokens, new streams go to the other ranks; then drain the whole cluster: new
     requests get UNAVAILABLE at once. The module's last test: the drained ranks stay drained."""
-    streams, ref, victim = _decoding(target, client, model_dir, 6, seed=5)
+    streams, ref, victim = _decoding(target, client, model_dir, 6, seed=5, new_tokens=DRAIN_TOKENS)
     drained = client.drain([victim.replica_id])
     assert list(drained.replica_ids) == [victim.replica_id] and drained.running_requests > 0
     with pytest.raises(ClientError) as err:

@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.spawn import gloo_rank, run_spawned
-from workers.engine.lockstep import any_rank_shm
+from workers.engine.lockstep import max_over_ranks_shm
 from workers.moe.shm_exchange import RING, PeerLost, ShmExchange, shm_supported
 
 pytestmark = [
@@ -53,10 +53,10 @@ def _sizes_child(rank: int, world: int, tmp: str) -> None:
                 out = ex.exchange([message(rank, d, round_) for d in range(world)])
             got[round_] = [None if m is None else m.clone() for m in out]
         got["file_left"] = os.path.exists(ex.path)  # rank 0 unlinks it before its first round
-        # the lockstep's agreement over the exchange: an element-wise OR over the ranks
+        # the lockstep's agreement over the exchange: an element-wise max over the ranks
         got["any"] = [
-            any_rank_shm([rank == 1, False, rank != 2], ex),
-            any_rank_shm([False, False, False], ex),
+            max_over_ranks_shm([int(rank == 1), 0, int(rank != 2), -rank], ex),
+            max_over_ranks_shm([0, 0, 0, 7], ex),
         ]
         ex.close()
         if rank == 1:  # one rank opts out: every rank falls back to the collectives
@@ -78,7 +78,7 @@ def test_every_message_size_arrives_intact(tmp_path) -> None:
                 else:
                     assert torch.equal(got[round_][src], wire(message(src, rank, round_)))
         assert not got["file_left"], "the shared file outlived the setup"
-        assert got["any"] == [[True, False, True], [False, False, False]]
+        assert got["any"] == [[1, 0, 1, 0], [0, 0, 0, 7]]
 
 
 def _fault_child(rank: int, world: int, tmp: str, fault: str) -> None:

@@ -2,7 +2,9 @@
 requests sent to one rank only stream the single-engine tokens while the idle peer runs empty
 steps. Two ways to end: "hard" (rank 0's stop ends both loops at the same step) and "graceful"
 (rank 1 asks to leave first, as a gang being scaled away does, and keeps stepping so rank 0's
-requests finish; the group stops once rank 0 leaves too)."""
+requests finish; the group stops once rank 0 leaves too). Idle, the gang sleeps on its doorbell
+instead of polling (no agreements while nothing happens), and a request sent to a sleeping gang
+still runs at once."""
 
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ from tests.spawn import run_spawned
 WORLD = 2
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [40] * 12]
 JOIN_TIMEOUT_S = 240
+IDLE_WINDOW_S = 1.0  # polling peers met every <= 50 ms: ~20 agreements in such a window
 
 
 def _child(rank: int, ckpt: str, tmp: str, mode: str) -> None:
     try:
         import queue
+        import time
 
         from workers.engine import SamplingParams
         from workers.engine.build import build_engine
@@ -52,6 +56,20 @@ def _child(rank: int, ckpt: str, tmp: str, mode: str) -> None:
                     if d.finished:
                         done.add(d.request_id)
             result["tokens"] = [tokens[f"q{i}"] for i in range(len(PROMPTS))]
+            if mode == "hard":  # the gang is idle now: it sleeps, then wakes for a request
+                before = member.lockstep.num_agreements
+                time.sleep(IDLE_WINDOW_S)  # a window to count agreements in, not a wait
+                result["idle_agreements"] = member.lockstep.num_agreements - before
+                start = time.monotonic()
+                r.submit("router", Submit("late", PROMPTS[0], params))
+                late: list[int] = []
+                finished = False
+                while not finished:
+                    for d in published.get(timeout=120).get("router", []):
+                        late += d.token_ids
+                        finished = finished or d.finished
+                result["late"] = late
+                result["late_s"] = time.monotonic() - start
             reference = build_engine(ckpt).generate([(p, params) for p in PROMPTS])
             result["reference"] = [o.token_ids for o in reference]
             r.stop(60, graceful=mode == "graceful")  # hard: stops the whole group
@@ -76,6 +94,17 @@ def results(request, tiny_checkpoint, tmp_path_factory) -> list[dict]:
 
 def test_requests_on_one_rank_match_a_single_engine(results):
     assert results[0]["tokens"] == results[0]["reference"]
+
+
+def test_an_idle_gang_sleeps_and_wakes_for_a_request(results):
+    hard = results[0]
+    if "idle_agreements" not in hard:
+        pytest.skip("measured in the hard-stop run")
+    assert hard["idle_agreements"] <= 2, (
+        f"{hard['idle_agreements']} agreements in {IDLE_WINDOW_S} s of an idle gang: it polls"
+    )
+    assert hard["late"] == hard["reference"][0]
+    assert hard["late_s"] < 30, f"a request to the sleeping gang took {hard['late_s']:.1f} s"
 
 
 def test_the_group_ends_together_and_frees_everything(results):

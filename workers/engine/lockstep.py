@@ -23,27 +23,29 @@ import torch.distributed as dist
 from workers.engine.engine import Engine, RequestOutput
 from workers.moe.shm_exchange import ShmExchange
 
-__all__ = ["IdleBackoff", "Lockstep", "any_rank", "any_rank_shm"]
+__all__ = ["IdleBackoff", "Lockstep", "max_over_ranks", "max_over_ranks_shm"]
 
 
-def any_rank_shm(flags: list[bool], exchange: ShmExchange) -> list[bool]:
-    """`any_rank` through a shared-memory exchange (the ranks of one host): each rank's flags
-    to every other, OR-ed locally. Collective over the exchange's group."""
-    mine = torch.tensor([int(f) for f in flags], dtype=torch.uint8)
+def max_over_ranks_shm(values: list[int], exchange: ShmExchange) -> list[int]:
+    """`max_over_ranks` through a shared-memory exchange (the ranks of one host): each rank's
+    values to every other, maxed locally. Collective over the exchange's group."""
+    mine = torch.tensor(values, dtype=torch.int64)
     got = exchange.exchange([[mine]] * exchange.world)
-    out = list(flags)
+    out = list(values)
     for msg in got:
         if msg is not None:
-            out = [a or bool(b) for a, b in zip(out, msg.tolist(), strict=True)]
+            theirs = msg.view(torch.int64).tolist()
+            out = [max(a, b) for a, b in zip(out, theirs, strict=True)]
     return out
 
 
-def any_rank(flags: list[bool], group=None, device: torch.device | str = "cpu") -> list[bool]:
-    """Collective: element-wise OR of `flags` over the ranks of `group` (one tiny all-reduce).
-    `device`: where the flags live, a CUDA device for NCCL (it reduces only device tensors)."""
-    t = torch.tensor([int(f) for f in flags], dtype=torch.int64, device=device)
+def max_over_ranks(values: list[int], group=None, device: torch.device | str = "cpu") -> list[int]:
+    """Collective: element-wise max of `values` over the ranks of `group` (one tiny all-reduce;
+    an OR for 0/1 flags). `device`: where they live, a CUDA device for NCCL (it reduces only
+    device tensors)."""
+    t = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return [bool(v) for v in t.tolist()]
+    return [int(v) for v in t.tolist()]
 
 
 class Lockstep:
@@ -60,9 +62,17 @@ class Lockstep:
     `exchange`, when given (the expert-parallel dispatcher's shared-memory exchange over the
     same group), carries the agreement before a step that follows a step with work, where the
     ranks arrive together and a gloo all-reduce's round trip (~0.3-1 ms between busy ranks) is
-    most of its cost. After an idle agreement the next one stays on the process group: idle
-    ranks poll at their own pace, and a wait there blocks instead of polling shared memory.
-    Every rank knows the previous agreement, so all take the same path."""
+    most of its cost. After an idle agreement the next one stays on the process group (a wait
+    there blocks instead of polling shared memory). Every rank knows the previous agreement,
+    so all take the same path.
+
+    The exchange's doorbell lets an idle group sleep instead of polling. A rank rings after it
+    queues work (and for a stop or a leave); each agreement also settles `rung`, the lowest
+    doorbell count its ranks read before they took in their queued work, so a ring whose work
+    some rank had not taken in yet is past `rung`. After an idle agreement every rank calls
+    `sleep_idle`, which returns True once the count differs from `rung` (every rank then
+    agrees again) and False on its timeout (no agreement: a rank may refresh its status and
+    sleep again)."""
 
     def __init__(
         self,
@@ -74,6 +84,9 @@ class Lockstep:
         self.engine = engine
         self.group = group
         self.exchange = exchange
+        self.doorbell = exchange.doorbell if exchange is not None else None
+        self.rung = 0  # the doorbell count settled by the last agreement
+        self.num_agreements = 0
         self._busy = False  # the last agreement found work: the next goes through `exchange`
         self.after_step = after_step
         self.turn: contextlib.AbstractContextManager = contextlib.nullcontext()
@@ -87,20 +100,28 @@ class Lockstep:
         # gloo's worker thread and back, ~1.5 ms per step when the cores are busy)
         self.alone = dist.get_world_size(group) == 1
 
-    def step(self) -> list[RequestOutput] | None:
+    def step(self, bell: int = 0) -> list[RequestOutput] | None:
         """One group step: outputs of this rank, or None when no rank of the group has work (or
-        the group agreed to stop: see `stopped`)."""
+        the group agreed to stop: see `stopped`). `bell`: the doorbell's `count()` this rank
+        read before it last took in queued work (see the class)."""
         if self.stopped:
             return None
-        flags = [self.engine.has_unfinished(), self.stop_requested, not self.leave_requested]
+        values = [
+            int(self.engine.has_unfinished()),
+            int(self.stop_requested),
+            int(not self.leave_requested),
+            -bell,  # the max of minus the counts: their min
+        ]
         if self.alone:
-            work, stop, stay = flags
+            work, stop, stay, minus_rung = values
         elif self.exchange is not None and self._busy:
-            work, stop, stay = any_rank_shm(flags, self.exchange)
+            work, stop, stay, minus_rung = max_over_ranks_shm(values, self.exchange)
         else:
-            work, stop, stay = any_rank(flags, self.group, self.flag_device)
+            work, stop, stay, minus_rung = max_over_ranks(values, self.group, self.flag_device)
+        self.rung = -minus_rung
+        self.num_agreements += 1
         stop = stop or not stay
-        self._busy = work and not stop
+        self._busy = bool(work) and not stop
         if stop:
             self.stopped = True
         if stop or not work:
@@ -111,6 +132,22 @@ class Lockstep:
         if self.after_step is not None:
             self.after_step(self.num_steps)
         return outputs
+
+    def ring(self) -> None:
+        """Wake the group's idle ranks (a no-op without a doorbell)."""
+        if self.doorbell is not None:
+            self.doorbell.ring()
+
+    def sleep_idle(self, timeout_s: float) -> bool:
+        """After an idle agreement: sleep until a rank of the group rings (True: agree again)
+        or `timeout_s` passes (False). Needs the doorbell. Raises PeerLost when a peer process
+        has exited or left meanwhile (a sleeping group would not notice otherwise)."""
+        assert self.exchange is not None and self.doorbell is not None
+        if self.doorbell.wait(self.rung, timeout_s):
+            return True
+        ex = self.exchange
+        ex.check_peers({r for r in range(ex.world) if r != ex.rank})
+        return False
 
     def run_until_idle(self) -> list[RequestOutput]:
         """Step until every rank's requests are done; returns this rank's finished outputs."""

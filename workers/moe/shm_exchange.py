@@ -11,7 +11,8 @@ Layout of the file (created by rank 0 in /dev/shm, mapped by every rank, unlinke
 mapped it, so nothing outlives the processes): a control page, then one ring per directed pair
 (src, dst), src != dst, of `RING` slots of [total bytes int64, chunk bytes int64, data]. For each
 pair `head` (chunks published, written by src only) and `tail` (chunks consumed, written by dst
-only) sit on cache lines of their own; each rank has a `closed` flag. A message longer than a
+only) sit on cache lines of their own; each rank has a `closed` flag; the gang's `doorbell`
+(workers/moe/doorbell.py) has a line too. A message longer than a
 slot goes as several chunks; `exchange` moves every pair's chunks in one progress loop, so two
 ranks sending each other more than a ring holds never wait on each other.
 
@@ -41,6 +42,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from workers.moe.doorbell import Doorbell
 
 __all__ = ["PeerLost", "ShmExchange", "shm_supported"]
 
@@ -130,6 +133,7 @@ class ShmExchange:
         self._slot = SLOT_HEADER + chunk
         self._recv: dict[int, torch.Tensor] = {}  # per source rank, reused (grown, never shrunk)
         self._closed = False
+        self.doorbell = Doorbell(buffer, _doorbell_at(world))  # idle ranks sleep on it
 
     # --- setup -------------------------------------------------------------------------------
     @classmethod
@@ -181,6 +185,8 @@ class ShmExchange:
             return
         self._closed = True
         self._ctrl[self._closed_at(self.rank)] = 1
+        self.doorbell.ring()  # a peer asleep on it wakes, finds the group ending
+        self.doorbell.close()
         self._ctrl = None  # type: ignore[assignment]  # the views go before the map
         self._data = None  # type: ignore[assignment]
         self._recv.clear()
@@ -281,8 +287,13 @@ class ShmExchange:
 
 
 def _control_bytes(world: int) -> int:
-    raw = 2 * world * world * LINE + world * LINE
+    raw = _doorbell_at(world) + LINE
     return (raw + 4095) // 4096 * 4096
+
+
+def _doorbell_at(world: int) -> int:
+    """Byte offset of the gang's doorbell word: after the heads, tails and closed flags."""
+    return 2 * world * world * LINE + world * LINE
 
 
 def _make_file(size: int) -> str:

@@ -138,10 +138,12 @@ class Rank:
         self._expert_load = expert_load
         self._dispatch_bytes = dispatch_bytes
         self._close_group = close_group
-        # idle, a gang member polls its peers (they may need it for a step: up to 50 ms late);
-        # a rank alone has no one to poll: it sleeps until a command wakes it, waking only to
-        # refresh its status (on two cores every wake-up costs a busy neighbour's step)
+        # idle, a gang member sleeps on its gang's doorbell (a peer rings when it gets work) or,
+        # without one (no shared memory), polls its peers (up to 50 ms late); a rank alone has no
+        # one to poll: it sleeps until a command wakes it. Both wake only to refresh the status
+        # (on two cores every wake-up costs a busy neighbour's step).
         alone = lockstep is None or lockstep.alone
+        self._bell = None if alone or lockstep is None else lockstep.doorbell
         self._backoff = backoff or (IdleBackoff(max_s=STATUS_PERIOD_S) if alone else IdleBackoff())
         self._inbox: queue.SimpleQueue[_Submit | Abort | _EndSession] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -181,7 +183,7 @@ class Rank:
         back as MIGRATE."""
         self._accepting = False
         self._drain_deadline = time.monotonic() + grace_s
-        self._wake.set()
+        self._notify()
 
     @property
     def num_held(self) -> int:
@@ -193,7 +195,7 @@ class Rank:
         Every request still held is handed back as MIGRATE. Raises TimeoutError when the loop
         does not end within `timeout_s`."""
         (self._leave if graceful and self._lockstep is not None else self._stop).set()
-        self._wake.set()
+        self._notify()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
             if self._thread.is_alive():
@@ -215,7 +217,13 @@ class Rank:
 
     def _put(self, cmd: _Submit | Abort | _EndSession) -> None:
         self._inbox.put(cmd)
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake the loop (and, in a gang with a doorbell, the whole sleeping gang)."""
         self._wake.set()
+        if self._bell is not None:
+            self._bell.ring()
 
     # --- the loop thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -234,6 +242,7 @@ class Rank:
 
     def _loop(self, out: dict[str, list[Delta]]) -> None:
         while True:
+            bell = 0 if self._bell is None else self._bell.count()  # before the commands it covers
             self._commands(out)
             if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
                 self._hand_back(out, "its rank was drained")
@@ -242,7 +251,7 @@ class Rank:
             if self._lockstep is not None:  # leave only when the whole gang agrees
                 self._lockstep.stop_requested = self._stop.is_set()
                 self._lockstep.leave_requested = self._leave.is_set()
-                outputs = self._lockstep.step()
+                outputs = self._lockstep.step(bell)
                 if self._lockstep.stopped:
                     return
             elif self._stop.is_set() or self._leave.is_set():
@@ -266,11 +275,20 @@ class Rank:
                     del self._state.held[o.request_id]
             self._flush(out, force=outputs is not None)
             if outputs is None:
-                self._wake.wait(self._backoff.current)  # a new request wakes the loop at once
-                self._wake.clear()
-                self._backoff.grow()
+                self._idle()
             else:
                 self._backoff.busy()
+
+    def _idle(self) -> None:
+        """Wait for work after a step without any (in a gang: the whole gang had none)."""
+        lockstep = self._lockstep
+        if self._bell is not None and lockstep is not None and not lockstep.stopped:
+            while not lockstep.sleep_idle(STATUS_PERIOD_S):  # until a rank of the gang rings
+                self._publish_snapshot()
+            return
+        self._wake.wait(self._backoff.current)  # a new request wakes the loop at once
+        self._wake.clear()
+        self._backoff.grow()
 
     def _commands(self, out: dict[str, list[Delta]]) -> None:
         while True:
