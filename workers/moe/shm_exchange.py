@@ -20,11 +20,14 @@ Ordering: x86-64 only (total store order: the data stores are visible before the
 that publishes them; a locked instruction, `_fence`, also orders any non-temporal stores of the
 copy). Elsewhere `create` returns None and the caller keeps its process-group collectives.
 
-Waiting: a short spin, then `sched_yield`, then sleeps growing from 50 µs to 1 ms (a gang's rank
-whose rank 0 waits for the core turn, i.e. for the other stage's whole step, then wakes ~1,000
-times a second on the core that stage computes on, not 20,000); every 10 ms it checks that every
-peer process is still running and has not closed, and fails after `timeout_s` (the group's
-collective timeout), so a dead or stuck peer fails the rank as gloo would.
+Waiting: a short spin, then a futex sleep on the rank's own waker word, its `asleep` flag set;
+a rank that moves a head or tail reads the peer's flag (after a fence) and wakes it. So a
+waiting rank leaves its core to whatever else is runnable (the router, another stage) instead of
+spinning or yielding on it, and wakes as soon as the peer moves, not at the end of a sleep (a
+gang's rank whose rank 0 waits for the core turn, i.e. for the other stage's whole step, does
+not touch the core meanwhile). Every 10 ms it checks that every peer process is still running
+and has not closed, and fails after `timeout_s` (the group's collective timeout), so a dead or
+stuck peer fails the rank as gloo would.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -53,10 +56,7 @@ MAX_CHUNK = 256 << 10  # data bytes per slot
 MIN_CHUNK = 16 << 10
 BUDGET = 16 << 20  # data bytes over all rings: /dev/shm is often small in containers
 LINE = 64  # bytes: head, tail and each closed flag on a cache line of their own
-SPIN = 50  # polls before yielding the core
-YIELD_S = 2e-3  # then sched_yield for this long, then sleep
-SLEEP_S = 50e-6  # the first sleep, doubled up to MAX_SLEEP_S while the wait goes on
-MAX_SLEEP_S = 1e-3
+SPIN = 50  # polls before sleeping until a peer moves
 CHECK_S = 10e-3  # peer liveness and the timeout, this often while waiting
 _FENCE = threading.Lock()  # acquire/release: a locked instruction, a full fence on x86
 
@@ -134,6 +134,12 @@ class ShmExchange:
         self._recv: dict[int, torch.Tensor] = {}  # per source rank, reused (grown, never shrunk)
         self._closed = False
         self.doorbell = Doorbell(buffer, _doorbell_at(world))  # idle ranks sleep on it
+        # a rank waiting on its peers sleeps on its waker (flag set) until a peer moves a chunk
+        self._wakers = [Doorbell(buffer, _waker_at(world, r)) for r in range(world)]
+        self._asleep_at = [(_waker_at(world, r) + 8) // 8 for r in range(world)]
+        self._pairs = {
+            (a, b): self._pair(a, b) for a in range(world) for b in range(world) if a != b
+        }
 
     # --- setup -------------------------------------------------------------------------------
     @classmethod
@@ -186,7 +192,10 @@ class ShmExchange:
         self._closed = True
         self._ctrl[self._closed_at(self.rank)] = 1
         self.doorbell.ring()  # a peer asleep on it wakes, finds the group ending
-        self.doorbell.close()
+        for waker in self._wakers:  # a peer waiting in an exchange finds it at once
+            waker.ring()
+        for bell in (self.doorbell, *self._wakers):
+            bell.close()
         self._ctrl = None  # type: ignore[assignment]  # the views go before the map
         self._data = None  # type: ignore[assignment]
         self._recv.clear()
@@ -222,14 +231,46 @@ class ShmExchange:
                 if incoming[r].done:
                     out[r] = incoming.pop(r).message
             if not moved:
-                waiter.pause(pending=set(outgoing) | set(incoming))
+                waiter.pause(set(outgoing) | set(incoming), lambda: self._ready(outgoing, incoming))
             else:
                 waiter.progress()
         return out
 
+    def _ready(self, outgoing: dict[int, _Outgoing], incoming: dict[int, _Incoming]) -> bool:
+        """Whether a pending pair can move a chunk now (or a peer closed: the wait must end)."""
+        ctrl = self._ctrl
+        for r in outgoing:
+            head_at, tail_at, _ = self._pairs[(self.rank, r)]
+            if ctrl[head_at] - ctrl[tail_at] < RING or ctrl[self._closed_at(r)]:
+                return True
+        for r in incoming:
+            head_at, tail_at, _ = self._pairs[(r, self.rank)]
+            if ctrl[head_at] > ctrl[tail_at] or ctrl[self._closed_at(r)]:
+                return True
+        return False
+
+    def _nudge(self, peer: int) -> None:
+        """After a head or tail moved: wake `peer` if it sleeps waiting for such a move."""
+        _fence()  # the store that moved it before the load of the flag (x86 reorders those)
+        if self._ctrl[self._asleep_at[peer]]:
+            self._wakers[peer].ring()
+
+    def sleep_until_moved(self, timeout_s: float, ready: Callable[[], bool]) -> None:
+        """Sleep until a peer moves a head or tail of this rank's pairs (or `timeout_s`),
+        unless `ready()` already holds once this rank has said it sleeps."""
+        waker, asleep = self._wakers[self.rank], self._asleep_at[self.rank]
+        seen = waker.count()
+        self._ctrl[asleep] = 1
+        _fence()  # the flag before the re-check: a peer that moved after it sees the flag
+        try:
+            if not ready():
+                waker.wait(seen, timeout_s)
+        finally:
+            self._ctrl[asleep] = 0
+
     def _push(self, dst: int, o: _Outgoing) -> bool:
         """Write as many chunks of `o` into the ring to `dst` as it has room for."""
-        head_at, tail_at, ring = self._pair(self.rank, dst)
+        head_at, tail_at, ring = self._pairs[(self.rank, dst)]
         head = int(self._ctrl[head_at])
         moved = False
         while not o.done and head - int(self._ctrl[tail_at]) < RING:
@@ -240,11 +281,13 @@ class ShmExchange:
             head += 1
             self._ctrl[head_at] = head
             moved = True
+        if moved:
+            self._nudge(dst)
         return moved
 
     def _pull(self, src: int, i: _Incoming) -> bool:
         """Copy every chunk published by `src` out of the ring into `i`'s message."""
-        head_at, tail_at, ring = self._pair(src, self.rank)
+        head_at, tail_at, ring = self._pairs[(src, self.rank)]
         tail = int(self._ctrl[tail_at])
         moved = False
         while not i.done and int(self._ctrl[head_at]) > tail:
@@ -256,6 +299,8 @@ class ShmExchange:
             tail += 1
             self._ctrl[tail_at] = tail  # the slot may be written again
             moved = True
+        if moved:
+            self._nudge(src)
         return moved
 
     def _recv_buffer(self, src: int, n: int) -> torch.Tensor:
@@ -287,13 +332,18 @@ class ShmExchange:
 
 
 def _control_bytes(world: int) -> int:
-    raw = _doorbell_at(world) + LINE
+    raw = _waker_at(world, world)
     return (raw + 4095) // 4096 * 4096
 
 
 def _doorbell_at(world: int) -> int:
     """Byte offset of the gang's doorbell word: after the heads, tails and closed flags."""
     return 2 * world * world * LINE + world * LINE
+
+
+def _waker_at(world: int, rank: int) -> int:
+    """Byte offset of `rank`'s waker line: its futex word, then its asleep flag (int64 at +8)."""
+    return _doorbell_at(world) + LINE + rank * LINE
 
 
 def _make_file(size: int) -> str:
@@ -358,19 +408,19 @@ class _Incoming:
 
 
 class _Waiter:
-    """Spin, then yield the core, then sleep; check the peers and the deadline while waiting."""
+    """Spin, then sleep until a peer moves (futex); check the peers and the deadline while
+    waiting."""
 
     def __init__(self, ex: ShmExchange) -> None:
         self.ex = ex
         self.polls = 0
         self.since = 0.0  # when the current wait began (0: not waiting)
         self.check_at = 0.0
-        self.sleep_s = SLEEP_S
 
     def progress(self) -> None:
-        self.polls, self.since, self.sleep_s = 0, 0.0, SLEEP_S
+        self.polls, self.since = 0, 0.0
 
-    def pause(self, pending: set[int]) -> None:
+    def pause(self, pending: set[int], ready: Callable[[], bool]) -> None:
         self.polls += 1
         if self.polls < SPIN:
             return
@@ -386,8 +436,4 @@ class _Waiter:
                     f"expert-parallel rank(s) {ranks} did not take part in an all-to-all within "
                     f"{self.ex.timeout_s:g} s (the collective timeout)"
                 )
-        if now - self.since < YIELD_S:
-            os.sched_yield()
-        else:
-            time.sleep(self.sleep_s)
-            self.sleep_s = min(MAX_SLEEP_S, 2 * self.sleep_s)
+        self.ex.sleep_until_moved(max(self.check_at - now, 0.0), ready)
