@@ -133,11 +133,6 @@ class Lockstep:
             self.after_step(self.num_steps)
         return outputs
 
-    def ring(self) -> None:
-        """Wake the group's idle ranks (a no-op without a doorbell)."""
-        if self.doorbell is not None:
-            self.doorbell.ring()
-
     def sleep_idle(self, timeout_s: float) -> bool:
         """After an idle agreement: sleep until a rank of the group rings (True: agree again)
         or `timeout_s` passes (False). Needs the doorbell. Raises PeerLost when a peer process
