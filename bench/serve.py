@@ -12,10 +12,12 @@ Ray. Reported per C: output tokens/s (all tokens / wall time from the first send
 token), time to first token and inter-token latency p50/p99 from the client's receive times,
 and the CPU each process spent per streamed token (psutil).
 
-The peer, after the cluster is down: the offline engine on the same C prompts as one batch, of
-the same expert-parallel size (`offline --ep N`: N Ray actors, one thread each, when
---gang-size is N > 1; this process with --threads threads when it is 1), and the offline
-engine's own time to first token (this process, every prompt added at once, stepped until each
+The peer, before the cluster is up and again after it is down (its tok/s: the mean of the two,
+both printed; this VM's speed drifts 10-20% within minutes, and the bracket weighs a drift on
+both sides alike): the offline engine on the same C prompts as one batch, of the same
+expert-parallel size (`offline --ep N`: N Ray actors, one thread each, when --gang-size is
+N > 1; this process with --threads threads when it is 1), and the offline engine's own time to
+first token (after the cluster; this process, every prompt added at once, stepped until each
 has its first token).
 """
 
@@ -253,6 +255,8 @@ def run_offline(
         elapsed = time.perf_counter() - start
         del engine
         gc.collect()
+        if torch.cuda.is_available():  # the cluster's ranks share this GPU next
+            torch.cuda.empty_cache()
     assert all(len(o.token_ids) == new for o in outs)
     return new * len(prompts) / elapsed
 
@@ -301,7 +305,25 @@ def main() -> None:
         """C new random prompts: no pass may hit the prefix cache another pass filled."""
         return torch.randint(3, vocab, (c, args.prompt_len), generator=g).tolist()
 
+    warm = fresh(1)
+    warm_sse = fresh(1) if "openai" in apis else []
+    plan = [(c, api, fresh(c)) for c in levels for api in apis]
     workloads: dict[int, list[list[int]]] = {}  # the first API's prompts per C, for offline
+    for c, _, prompts in plan:
+        workloads.setdefault(c, prompts)
+    ep = args.gang_size
+
+    def offline_pass() -> dict[int, float]:
+        return {
+            c: run_offline(path, workloads[c], args.new_tokens, ep, args.device, args.dtype)
+            for c in levels
+        }
+
+    # The offline peer runs before the cluster and again after it; its tok/s is the mean of the
+    # two, so a drift of the machine's speed over the minute between them (this VM's moves by
+    # 10-20% within minutes) weighs on both sides alike.
+    torch.set_num_threads(args.threads)
+    offline_before = offline_pass()
 
     port = free_port()
     stage = {"gang_size": args.gang_size, "torch_threads": args.rank_threads}
@@ -323,7 +345,7 @@ def main() -> None:
     cpu: dict[tuple[str, int], dict[str, float]] = {}
     http = f"http://127.0.0.1:{cfg.router.http_port}"
     with deployed(cfg) as target:
-        run_streams(target, fresh(1), 4)  # warm-up
+        run_streams(target, warm, 4)  # warm-up
         if args.idle_s:
             time.sleep(1)
             idle0 = cpu_seconds()
@@ -341,24 +363,20 @@ def main() -> None:
                 flush=True,
             )
         if "openai" in apis:
-            run_sse_streams(http, fresh(1), 4)  # warm-up
-        for c in levels:
-            for api in apis:
-                prompts = fresh(c)
-                workloads.setdefault(c, prompts)
-                cpu0 = cpu_seconds()
-                if api == "grpc":
-                    stats = run_streams(target, prompts, args.new_tokens, args.stream_interval)
-                else:
-                    stats = run_sse_streams(http, prompts, args.new_tokens)
-                cpu1 = cpu_seconds()
-                n = c * args.new_tokens
-                served[api, c] = stats
-                cpu[api, c] = {k: (cpu1[k] - cpu0.get(k, 0.0)) / n * 1e6 for k in cpu1}
-                print(f"cluster {api} {c:>3} streams: {stats}", flush=True)
+            run_sse_streams(http, warm_sse, 4)  # warm-up
+        for c, api, prompts in plan:
+            cpu0 = cpu_seconds()
+            if api == "grpc":
+                stats = run_streams(target, prompts, args.new_tokens, args.stream_interval)
+            else:
+                stats = run_sse_streams(http, prompts, args.new_tokens)
+            cpu1 = cpu_seconds()
+            n = c * args.new_tokens
+            served[api, c] = stats
+            cpu[api, c] = {k: (cpu1[k] - cpu0.get(k, 0.0)) / n * 1e6 for k in cpu1}
+            print(f"cluster {api} {c:>3} streams: {stats}", flush=True)
 
-    torch.set_num_threads(args.threads)
-    ep = args.gang_size
+    offline_after = offline_pass()
     print(
         f"\n{args.arch} ({args.preset} preset), prompt {args.prompt_len} tokens, "
         f"{args.new_tokens} new tokens per stream, greedy {args.dtype} on {args.device}, "
@@ -367,8 +385,8 @@ def main() -> None:
         f"({args.rank_threads} threads/rank); offline: --ep {ep}"
     )
     print(
-        "| streams | API | cluster tok/s | offline tok/s | ratio | vs gRPC | TTFT p50 / p99 ms | "
-        "offline TTFT p50 / p99 ms | ITL p50 / p99 ms |"
+        "| streams | API | cluster tok/s | offline tok/s (before / after) | ratio | vs gRPC | "
+        "TTFT p50 / p99 ms | offline TTFT p50 / p99 ms | ITL p50 / p99 ms |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     engine = offline_engine(path, args.device, args.dtype)
@@ -376,7 +394,7 @@ def main() -> None:
     del engine
     gc.collect()
     for c in levels:
-        off = run_offline(path, workloads[c], args.new_tokens, ep, args.device, args.dtype)
+        off = (offline_before[c] + offline_after[c]) / 2
         ttft_o = f"{ttft_off[c][0]:.0f} / {ttft_off[c][1]:.0f}"
         for api in apis:
             s = served[api, c]
@@ -385,7 +403,8 @@ def main() -> None:
             ratio = s["tok_s"] / off
             vs = f"{s['tok_s'] / served['grpc', c]['tok_s']:.2f}x" if "grpc" in apis else "-"
             print(
-                f"| {c} | {api} | {s['tok_s']:.1f} | {off:.1f} | {ratio:.2f}x | {vs} | {ttft} | "
+                f"| {c} | {api} | {s['tok_s']:.1f} | {off:.1f} ({offline_before[c]:.1f} / "
+                f"{offline_after[c]:.1f}) | {ratio:.2f}x | {vs} | {ttft} | "
                 f"{ttft_o} | {itl} |",
                 flush=True,
             )

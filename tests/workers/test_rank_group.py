@@ -22,6 +22,31 @@ JOIN_TIMEOUT_S = 240
 IDLE_WINDOW_S = 1.0  # polling peers met every <= 50 ms: ~20 agreements in such a window
 
 
+TAIL_S = 0.02  # how much later than rank 0 rank 1 finishes each step
+
+
+class _RecordingTurn:
+    """Stands in for a `CoreTurn`: records when each step's turn is taken and given back
+    (CLOCK_MONOTONIC: comparable across the processes)."""
+
+    def __init__(self) -> None:
+        self.spans: list[list[float | None]] = []
+
+    def __enter__(self) -> _RecordingTurn:
+        import time
+
+        self.spans.append([time.monotonic(), None])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import time
+
+        self.spans[-1][1] = time.monotonic()
+
+    def close(self) -> None:
+        pass
+
+
 def _child(rank: int, ckpt: str, tmp: str, mode: str) -> None:
     try:
         import queue
@@ -38,7 +63,19 @@ def _child(rank: int, ckpt: str, tmp: str, mode: str) -> None:
             ckpt, rank=rank, world_size=WORLD, init_method=f"file://{tmp}/store"
         )
         who = GangMember("decode", "gang", rank, WORLD, f"replica-{rank}")
-        r = Rank(member.engine, who, lockstep=member.lockstep, close_group=member.close)
+        turn = _RecordingTurn() if rank == 0 else None  # rank 0 takes the node's turn
+        step_ends: list[float] = []
+        if rank == 1:  # a peer whose part of each step ends later than the holder's
+            step = member.engine.step
+
+            def late_step(*args, **kwargs):
+                out = step(*args, **kwargs)
+                time.sleep(TAIL_S)  # stands for a longer tail of the step, not a wait
+                step_ends.append(time.monotonic())
+                return out
+
+            member.engine.step = late_step
+        r = Rank(member.engine, who, lockstep=member.lockstep, close_group=member.close, turn=turn)
         published: queue.SimpleQueue = queue.SimpleQueue()
         r.publish = lambda by_session, load, admitted: published.put(by_session)
         r.start()
@@ -77,6 +114,8 @@ def _child(rank: int, ckpt: str, tmp: str, mode: str) -> None:
             assert r.join(180)  # ends when rank 0 stops the group
             r.stop(10)
         result["stopped"] = member.lockstep.stopped
+        result["turn_spans"] = turn.spans if turn is not None else None
+        result["step_ends"] = step_ends
         result["kv_used"] = member.engine.stats().kv_blocks_used
         Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
     except BaseException:
@@ -110,3 +149,16 @@ def test_an_idle_gang_sleeps_and_wakes_for_a_request(results):
 def test_the_group_ends_together_and_frees_everything(results):
     assert all(r["stopped"] for r in results)
     assert all(r["kv_used"] == 0 for r in results)
+
+
+def test_the_turn_is_held_until_every_rank_has_finished_the_step(results):
+    """Rank 0 gives the node's turn back only once rank 1 (later each step) is done too, so the
+    next gang's step never shares the cores with the tail of this one."""
+    spans, ends = results[0]["turn_spans"], results[1]["step_ends"]
+    assert spans and len(spans) == len(ends), (len(spans), len(ends))
+    for k, ((_taken, given_back), peer_done) in enumerate(zip(spans, ends, strict=True)):
+        assert given_back is not None, f"step {k}: the turn was never given back"
+        assert given_back >= peer_done, (
+            f"step {k}: turn given back {1e3 * (peer_done - given_back):.1f} ms before rank 1 "
+            "finished the step"
+        )

@@ -55,9 +55,11 @@ class Lockstep:
     count everywhere: a step boundary where a collective outside the forward (an expert
     rebalance) is safe. Every rank must set the same hook, or none.
 
-    `turn`, when set, is held around each step that has work (a `CoreTurn`: the gangs sharing a
-    node's cores take turns); one rank of the group holding it holds the others at the step's
-    first collective.
+    `turn`, when set, is taken before each step that has work (a `CoreTurn`: the gangs sharing
+    a node's cores take turns); one rank of the group holding it holds the others at the step's
+    first collective. It is let go at the next agreement, which every rank reaches only once its
+    own part of the step is done: a peer that finishes later than the holder (more sequences,
+    a later last exchange) does not share the cores with the next gang's step.
 
     `exchange`, when given (the expert-parallel dispatcher's shared-memory exchange over the
     same group), carries the agreement before a step that follows a step with work, where the
@@ -90,6 +92,7 @@ class Lockstep:
         self._busy = False  # the last agreement found work: the next goes through `exchange`
         self.after_step = after_step
         self.turn: contextlib.AbstractContextManager = contextlib.nullcontext()
+        self._holding = False  # `turn` taken for the last step, let go at the next agreement
         self.num_steps = 0  # group steps run, identical on every rank
         self.stop_requested = False  # set by this rank (any thread) to stop the whole group
         self.leave_requested = False  # this rank wants to leave; the group stops once all do
@@ -120,18 +123,31 @@ class Lockstep:
             work, stop, stay, minus_rung = max_over_ranks(values, self.group, self.flag_device)
         self.rung = -minus_rung
         self.num_agreements += 1
+        self.let_go()  # every rank is here: the group's last step is over on all of them
         stop = stop or not stay
         self._busy = bool(work) and not stop
         if stop:
             self.stopped = True
         if stop or not work:
             return None
-        with self.turn:
+        self.turn.__enter__()
+        self._holding = True
+        try:
             outputs = self.engine.step(participate=True)
+        except BaseException:
+            self.let_go()
+            raise
         self.num_steps += 1
         if self.after_step is not None:
             self.after_step(self.num_steps)
         return outputs
+
+    def let_go(self) -> None:
+        """Give back the turn taken for the last step, if any (the next agreement does; the
+        rank's loop does when it ends)."""
+        if self._holding:
+            self._holding = False
+            self.turn.__exit__(None, None, None)
 
     def sleep_idle(self, timeout_s: float) -> bool:
         """After an idle agreement: sleep until a rank of the group rings (True: agree again)

@@ -130,7 +130,7 @@ class Rank:
         self.member = member
         self.publish: Publish = lambda by_session, load, admitted: None  # set by the channel
         self._lockstep = lockstep
-        self._turn = turn  # held around each step with work
+        self._turn = turn  # taken for each step with work (a gang's: until its next agreement)
         if lockstep is not None and turn is not None:
             lockstep.turn = turn
         self._put_kv = put_kv
@@ -234,6 +234,8 @@ class Rank:
             self.failed = e
             raise
         finally:
+            if self._lockstep is not None:  # a loop that ends between steps may hold the turn
+                self._lockstep.let_go()
             self._accepting = False
             self._hand_back(out, "its rank stopped")
             self._commands(out)  # whatever arrived meanwhile is handed back too
