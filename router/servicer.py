@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
 import logging
 import time
@@ -40,6 +41,7 @@ __all__ = ["InferenceServicer", "ModelDescription", "RequestFailed", "RouterSett
 log = logging.getLogger("moe_cluster.router")
 STAGES = ("prefill", "decode")
 TOKENS_BATCH = 32  # streamed tokens added to the token counter at once (and at the end)
+INLINE_PROMPT_IDS = 8192  # a token-id prompt up to this long is checked on the event loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,14 +117,8 @@ class InferenceServicer:
         done = False
         clock = _Clock(self.metrics)
         try:
-            try:  # tokenizing a long text takes a while: never on the event loop
-                parsed = await asyncio.to_thread(
-                    parse_generate,
-                    request,
-                    self.tokenizer,
-                    self.limits,
-                    stop_limits=self.settings.stop_limits,
-                )
+            try:
+                parsed = await self._parse(request)
             except InvalidRequestError as e:
                 _fail(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field)
             rid, n_prompt = parsed.request_id, len(parsed.prompt_token_ids)
@@ -215,6 +211,22 @@ class InferenceServicer:
         return pb.DrainResponse(replica_ids=ids, running_requests=held)
 
     # --- helpers -----------------------------------------------------------------------------
+    async def _parse(self, request: pb.GenerateRequest) -> Any:
+        """`parse_generate` of the request. Tokenizing a text takes a while: never on the event
+        loop. Token ids are only checked (~50 ns each): up to INLINE_PROMPT_IDS of them on the
+        loop, since a hop to a worker thread costs more (and under a burst its thread and the
+        loop trade the GIL, holding up every other call on the loop)."""
+        parse = functools.partial(
+            parse_generate,
+            request,
+            self.tokenizer,
+            self.limits,
+            stop_limits=self.settings.stop_limits,
+        )
+        if not request.prompt and len(request.prompt_token_ids) <= INLINE_PROMPT_IDS:
+            return parse()
+        return await asyncio.to_thread(parse)
+
     def authenticate(self, ctx: Any) -> None:
         """UNAUTHENTICATED unless `ctx`'s metadata has an accepted bearer token (or auth is off)."""
         if not self._tokens:
