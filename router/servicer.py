@@ -2,7 +2,7 @@
 `router/openai_api/`) its OpenAI-compatible HTTP API.
 
 Generate: authenticate -> size checks (before any work) -> admission -> validate and tokenize
-(off the event loop) -> `router/lifecycle.py` runs the request over the rank channels
+(a text off the event loop) -> `router/lifecycle.py` runs the request over the rank channels
 (prefill rank, KV handoff, decode rank, migration when a rank is lost) -> each delta becomes
 one GenerateResponse.
 
