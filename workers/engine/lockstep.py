@@ -64,9 +64,9 @@ class Lockstep:
     `exchange`, when given (the expert-parallel dispatcher's shared-memory exchange over the
     same group), carries the agreement before a step that follows a step with work, where the
     ranks arrive together and a gloo all-reduce's round trip (~0.3-1 ms between busy ranks) is
-    most of its cost. After an idle agreement the next one stays on the process group (a wait
-    there blocks instead of polling shared memory). Every rank knows the previous agreement,
-    so all take the same path.
+    most of its cost. After an idle agreement the next one stays on the process group (chosen
+    when the exchange's waits still polled; they now sleep on a futex too, so it could move to
+    the exchange). Every rank knows the previous agreement, so all take the same path.
 
     The exchange's doorbell lets an idle group sleep instead of polling. A rank rings after it
     queues work (and for a stop or a leave); each agreement also settles `rung`, the lowest
