@@ -124,6 +124,7 @@ class _RankServer:
             collective_timeout_s=stage_cfg.collective_timeout_s,
             dispatch_transport=stage_cfg.dispatch_transport,
             core_turn=self._app if cfg.takes_core_turns(self.stage) else None,  # per node
+            niceness=stage_cfg.niceness,
         )
         self._metrics = RankMetrics()
         self._grace_s = cfg.router.drain_grace_s

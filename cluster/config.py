@@ -146,6 +146,15 @@ class _Stage(_Schema):
         "its requests migrate and Serve replaces the gang. Must exceed one layer's compute on "
         "the busiest rank",
     )
+    niceness: int = Field(
+        default=15,
+        ge=0,
+        le=19,
+        description="nice value of each rank's process, all its threads (Linux): above the "
+        "serving plane's 0 (RAY_worker_niceness), so a waking Router gets the cores it shares "
+        "with computing ranks at once; 15 is where Ray starts every worker. Below 15 needs "
+        "Ray's workers started at nice 0 (as RAY_ENV does) or CAP_SYS_NICE",
+    )
     autoscaling: _Autoscaling | None = Field(default=None, description="None: fixed num_gangs")
 
     @property

@@ -13,6 +13,12 @@ KubeRay manifests (tests/deploy checks they agree); an operator's value in the e
   cost of a cluster (controller 4.5% and GCS 2.4% of a core on a 2-core VM, 1.95% and 1.5% at
   1 s). Serve then notices a replica's state change (started, died) up to 0.5 s later; requests
   never wait on it (the Router reaches ranks over their own channels).
+- `RAY_worker_niceness` 0 (Ray's default 15): every Ray worker starts at nice 0, as the raylet
+  and GCS run; rank processes then raise their own to their stage's `niceness` (15 by default:
+  where Ray would have put them, `workers/cores.py` `set_niceness`). So the serving plane (the
+  Router, Serve's controller and proxy) outranks computing ranks on shared cores: a waking
+  Router answers at once instead of competing with a rank's step at equal weight. Needed on
+  every node that runs a Router or a rank (the KubeRay manifests set it on head and workers).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 
 __all__ = ["RAY_ENV", "start_embedded_ray"]
 
-RAY_ENV: dict[str, str] = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
+RAY_ENV: dict[str, str] = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_worker_niceness": "0"}
 
 
 def start_embedded_ray(**kwargs: Any) -> None:

@@ -179,6 +179,8 @@ def test_bad_yaml_files_say_why(tmp_path, text, fix):
             "outside autoscaling [1, 4]",
         ),
         ("model", {"dtype": "fp8"}, "model.dtype", "must be 'float32' or 'bfloat16' (got 'fp8')"),
+        ("decode", {"niceness": 20}, "decode.niceness", "must be <= 19 (got 20)"),
+        ("prefill", {"niceness": -5}, "prefill.niceness", "must be >= 0 (got -5)"),
         (
             "decode",
             {"dispatch_transport": "nccl"},

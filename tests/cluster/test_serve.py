@@ -8,6 +8,9 @@ Waits on the cluster's state poll GetClusterStatus with a deadline: ranks report
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import os
 import time
 import urllib.request
 from collections.abc import Callable
@@ -16,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import ray
+from ray._private import state as ray_state
 from ray.experimental.internal_kv import internal_kv_get_gcs_client
 
 from cluster.app import APP_NAME
@@ -69,7 +73,7 @@ def cluster(model_dir, ray_cluster):
         auth_tokens=[TOKEN],
         max_queued_requests=MAX_INFLIGHT,
     )
-    deploy(cfg.with_overrides(http_port=free_port()), timeout_s=300)
+    deploy(cfg.with_overrides(http_port=free_port(), **{"decode.niceness": 17}), timeout_s=300)
     yield f"localhost:{port}"
     undeploy()
 
@@ -498,6 +502,28 @@ def test_status_groups_ranks_by_stage_and_gang(client):
         for r in gang.ranks:
             assert r.kv_blocks_total > 0 and len(r.expert_load) > 0
     assert ray.is_initialized() and APP_NAME
+
+
+def _thread_niceness(pid: int) -> set[int]:
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            out.add(os.getpriority(os.PRIO_PROCESS, int(tid)))
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="Linux only")
+def test_ranks_run_below_the_serving_plane(client):
+    """Every thread of a rank runs at its stage's niceness (prefill: the default 15; decode: 17
+    in this module's config), the Router's at 0 (RAY_ENV's RAY_worker_niceness)."""
+    assert client.cluster_status().deployments  # up
+    seen: dict[str, list[set[int]]] = collections.defaultdict(list)
+    for a in ray_state.actors(actor_state_name="ALIVE").values():
+        name = a["Name"] or ""
+        for kind in ("Router", "PrefillRank", "DecodeRank"):
+            if name.startswith("SERVE_REPLICA::") and f"#{kind}#" in name:
+                seen[kind].append(_thread_niceness(int(a["Pid"])))
+    assert seen == {"Router": [{0}], "PrefillRank": [{15}] * 2, "DecodeRank": [{17}] * 4}
 
 
 def test_deadline_during_prefill_stops_the_prefill(client):

@@ -313,13 +313,14 @@ def test_named_ports_and_metrics_export_port(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", [CPU_SHAPE, GPU_SHAPE], ids=lambda p: p.name)
-def test_the_head_runs_ray_with_the_embedded_settings(path: Path) -> None:
-    """Serve's controller lives on the head: it gets cluster/embedded.py's RAY_ENV, as the
-    embedded Ray of `moe-cluster serve` does (one definition, two places)."""
-    (_, head), *_ = _groups(_ray_service(path))
-    ray_container = head["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in ray_container.get("env", [])}
-    assert {k: env.get(k) for k in RAY_ENV} == RAY_ENV
+def test_every_node_runs_ray_with_the_embedded_settings(path: Path) -> None:
+    """Serve's controller lives on the head, Routers and ranks anywhere: every group gets
+    cluster/embedded.py's RAY_ENV, as the embedded Ray of `moe-cluster serve` does (one
+    definition, two places)."""
+    for name, group in _groups(_ray_service(path)):
+        ray_container = group["template"]["spec"]["containers"][0]
+        env = {e["name"]: e["value"] for e in ray_container.get("env", [])}
+        assert {k: env.get(k) for k in RAY_ENV} == RAY_ENV, name
 
 
 def test_cpu_shape_builds_the_tiny_model_on_every_pod() -> None:

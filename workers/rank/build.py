@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from workers.cores import set_niceness
 from workers.engine import Engine, EngineConfig
 from workers.engine.build import build_engine
 from workers.ep_rank import ExpertParallelRank
@@ -57,10 +58,14 @@ def start_rank(
     kv_ttl_s: float = 120.0,
     engine: Engine | None = None,
     core_turn: str | None = None,
+    niceness: int | None = None,
 ) -> ServingRank:
     """A gang member (`init_method` given: joins the torch.distributed group, loads only its
     experts, steps in lockstep) or a lone rank over `engine` / a full `build_engine`.
-    `core_turn`: the name of the turn at the node's cores its gang steps under (`CoreTurn`)."""
+    `core_turn`: the name of the turn at the node's cores its gang steps under (`CoreTurn`).
+    `niceness`: this process's threads run at it (`set_niceness`; None: left as they are)."""
+    if niceness is not None:  # first: the threads started below inherit it
+        set_niceness(niceness)
     sock = listen_socket(host)
     port = sock.getsockname()[1]
     transport = PeerKVTransport(KVStore(kv_ttl_s), host, port, member.replica_id)
