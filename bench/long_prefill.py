@@ -10,6 +10,9 @@ The floor: the prompt's matmul FLOPs (projections, routed + shared experts, caus
 QK^T and PV; counted from config.json, `prefill_flops`) at the best fp32 sgemm rate this process
 reaches (`sgemm_rate`, large GEMMs on the same threads). No kernel can prefill faster than that
 without changing the arithmetic, so `transformers / floor` is the most any fp32 engine can gain.
+Below it, the hard ceiling: the same FLOPs at this CPU's fp32 multiply-add peak (`fma_peak`:
+register-only chains on every thread, no memory traffic; needs the C++ kernels), and the rate a
+2x speed-up over transformers would need.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from bench.machine import sgemm_gflops
 from bench.offline import checkpoint
+from workers import kernels
 from workers.engine import EngineConfig, SamplingParams
 from workers.engine.build import build_engine
 from workers.models.config import read_config
@@ -95,7 +99,7 @@ def main() -> None:
 
         theirs = best(forward, args.repeat)
         rows.append((arch, ours, theirs, prefill_flops(path, args.tokens)))
-    rate = sgemm_rate()
+    rate, peak = sgemm_rate(), kernels.fma_peak()
     print(f"\none {args.tokens}-token prompt, fp32, torch threads={torch.get_num_threads()}")
     print(f"floor: the matmul FLOPs at this machine's best sgemm, {rate / 1e9:.0f} GFLOP/s")
     print(
@@ -108,6 +112,17 @@ def main() -> None:
         print(
             f"| {arch} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x | {flops / 1e9:.1f} "
             f"| {floor:.2f} | {theirs / floor:.2f}x |"
+        )
+    if peak is None:
+        print("(no FMA peak: the C++ kernels are not built)")
+        return
+    print(f"\nthis CPU's fp32 multiply-add peak on these threads: {peak:.0f} GFLOP/s")
+    print("| arch | floor at the peak s | most possible speed-up | 2x transformers needs GFLOP/s |")
+    print("|---|---:|---:|---:|")
+    for arch, _, theirs, flops in rows:
+        print(
+            f"| {arch} | {flops / peak / 1e9:.2f} | {theirs * peak * 1e9 / flops:.2f}x "
+            f"| {2 * flops / theirs / 1e9:.0f} |"
         )
 
 

@@ -226,6 +226,15 @@ def test_the_kernels_name_their_instruction_set():
     assert isa is not None and isa() in ("avx512", "avx2", "base")
 
 
+def test_fma_peak_counts_every_thread_at_the_instruction_sets_width():
+    """The ceiling bench.long_prefill states: GFLOP/s of register-only multiply-adds, summed
+    over the intra-op threads, in vectors of the set the kernels run with."""
+    gflops, width = kernels.kernel("fma_peak")(1_000_000)
+    assert width == {"avx512": 16, "avx2": 8, "base": 8}[kernels.kernel("isa")()]
+    assert 0 < gflops < 1e5  # finite, positive; its size is the benchmark's business
+    assert kernels.fma_peak(1_000_000) > 0
+
+
 BASELINE = """
 import torch, torch.nn.functional as F
 from workers import kernels
@@ -268,6 +277,7 @@ with torch.no_grad():
     torch.testing.assert_close(q, want_q, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache[8, 0], want_k[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache[8, 1], v[0])
+assert kernels.kernel("fma_peak")(10_000)[0] > 0
 print("ok")
 """
 

@@ -52,6 +52,8 @@ torch::Tensor ep_combine(torch::Tensor own, std::vector<c10::optional<torch::Ten
                          torch::Tensor send_token, std::vector<int64_t> send_splits, int64_t me,
                          int64_t num_tokens);
 
+std::tuple<double, int64_t> fma_peak(int64_t iters);
+
 // Instruction sets: each kernel's inner function is written once (MOE_INLINE, no target) and
 // wrapped three times, with MOE_AVX512, MOE_AVX2 and no attribute, so GCC compiles the inlined
 // loops for that set; callers pick the wrapper once per call with cpu_isa(). (GCC's

@@ -54,5 +54,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ep_pack", &ep_pack, "expert-parallel dispatch: one peer's message (rows, ids, weights)");
   m.def("ep_unpack", &ep_unpack, "expert-parallel dispatch: own rows and peers' messages");
   m.def("ep_combine", &ep_combine, "expert-parallel combine: rows summed per token, rank order");
+  m.def("fma_peak", &fma_peak, "fp32 multiply-add GFLOP/s of the intra-op threads, width");
   m.def("isa", &isa_name, "the instruction set the kernels run with: avx512, avx2 or base");
 }
