@@ -277,6 +277,17 @@ with torch.no_grad():
     torch.testing.assert_close(q, want_q, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache[8, 0], want_k[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache[8, 1], v[0])
+from workers.models.attention import AttentionMetadata
+meta = AttentionMetadata.build([140], [20], [list(range(10))], 16)
+q, kv = torch.randn(20, 4, 24), torch.randn(1, 160, 2, 24)
+with torch.no_grad():
+    got = kernels.prefill_attention(q, kv, kv[..., :16], meta.parts[0], 0.3)
+mask = torch.arange(160)[None, :] <= torch.arange(140, 160)[:, None]
+ref = F.scaled_dot_product_attention(
+    q.transpose(0, 1), kv[0].transpose(0, 1).repeat_interleave(2, 0),
+    kv[0, ..., :16].transpose(0, 1).repeat_interleave(2, 0), attn_mask=mask, scale=0.3
+).transpose(0, 1)
+torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 assert kernels.kernel("fma_peak")(10_000)[0] > 0
 print("ok")
 """

@@ -179,3 +179,57 @@ def test_rotary_table_rows_equal_the_computed_ones():
         (0, 64),
         (0, 64),
     ]
+
+
+# (cached, new) per sequence: one fresh prompt over several key blocks (the kernel's blocks
+# are 128 keys), a chunk after a cached prefix, and a batch padded together (decodes among them)
+PREFILL_CASES = {
+    "fresh": ([0], [300]),
+    "after-prefix": ([260], [77]),
+    "batch": ([0, 5, 140, 3, 0], [7, 30, 1, 64, 129]),
+}
+
+
+@pytest.mark.parametrize("case", list(PREFILL_CASES))
+@pytest.mark.parametrize(
+    "hq,hkv,dk,dv", [(8, 4, 64, 64), (4, 1, 20, 16), (3, 3, 24, 16), (16, 2, 32, 32)]
+)
+def test_prefill_kernel_equals_the_torch_path(monkeypatch, case, hq, hkv, dk, dv):
+    """prefill.cpp against SDPA (the torch path, itself checked above): GQA groups of 1-8,
+    key widths that are not a multiple of 8, values narrower than keys (MLA's expanded form),
+    contexts over several of the kernel's key blocks, padded batches."""
+    if kernels.kernel("prefill_attention") is None:
+        pytest.skip("the C++ kernels are not built here")
+    gen = torch.Generator().manual_seed(5)
+    cached, new = PREFILL_CASES[case]
+    block = 16
+    tables = [[i * 40 + j for j in range(40)] for i in range(len(new))]
+    cache = torch.randn(40 * len(new) * block, hkv, 2 * dk, generator=gen)
+    q = torch.randn(sum(new), hq, dk, generator=gen)
+    meta = AttentionMetadata.build(cached, new, tables, block)
+
+    def kv(ctx):  # keys and values as strided views of the cache rows, as the models give them
+        return ctx[..., :dk], ctx[..., dk : dk + dv]
+
+    ran = []
+    real = kernels.prefill_attention
+    monkeypatch.setattr(kernels, "prefill_attention", lambda *a: ran.append(1) or real(*a))
+    with torch.no_grad():
+        fast = paged_attention(q, cache, meta, kv, 0.3)
+        assert len(ran) == sum(not p.decode for p in meta.parts) > 0
+        monkeypatch.setenv("MOE_KERNELS", "0")
+        slow = paged_attention(q, cache, meta, kv, 0.3)
+    torch.testing.assert_close(fast, slow, atol=2e-5, rtol=1e-5)
+
+
+def test_prefill_kernel_leaves_what_it_lacks_to_torch():
+    """Value widths that are not a multiple of 16, or queries wider than the keys: None, so the
+    caller runs SDPA."""
+    if kernels.kernel("prefill_attention") is None:
+        pytest.skip("the C++ kernels are not built here")
+    part = AttentionMetadata.build([0], [5], [[0]], 16).parts[0]
+    q, k = torch.randn(5, 2, 16), torch.randn(1, 5, 2, 16)
+    with torch.no_grad():
+        assert kernels.prefill_attention(q, k, k, part, 0.3) is not None
+        assert kernels.prefill_attention(q, k, k[..., :8], part, 0.3) is None
+        assert kernels.prefill_attention(q[..., :8], k, k, part, 0.3) is None

@@ -1,7 +1,8 @@
 """Optional C++ CPU kernels, built once by `make install` (`python -m workers.kernels.build`).
 
 `routed_ffn` (the fused routed-expert FFN, `moe.cpp`), `paged_decode_attention` (decode
-attention reading K/V in place, `attention.cpp`), `linear` (projections of up to a few
+attention reading K/V in place, `attention.cpp`), `prefill_attention` (causal prefill
+attention without a mask tensor, `prefill.cpp`), `linear` (projections of up to a few
 hundred rows over packed weights, `linear.cpp`), `rms_norm` (`norm.cpp`), `rope_qk` (q/k norm,
 rotary and KV write, `rope.cpp`), `softmax_topk` and `group_pairs` (routing, `route.cpp`),
 `greedy_rows` (the sampler's pass, `greedy.cpp`) and `ep_plan` / `ep_pack` / `ep_unpack` /
@@ -39,6 +40,7 @@ __all__ = [
     "linear",
     "pack_panels",
     "paged_decode_attention",
+    "prefill_attention",
     "rms_norm",
     "rope_qk",
     "routed_ffn",
@@ -49,7 +51,8 @@ HERE = Path(__file__).parent
 SOURCES = [
     HERE / n
     for n in (
-        *("ops.cpp", "moe.cpp", "attention.cpp", "linear.cpp", "norm.cpp", "rope.cpp"),
+        *("ops.cpp", "moe.cpp", "attention.cpp", "prefill.cpp", "linear.cpp", "norm.cpp"),
+        "rope.cpp",
         *("route.cpp", "greedy.cpp", "ep.cpp", "peak.cpp", "kernels.h", "gemm.h"),
     )
 ]
@@ -84,11 +87,12 @@ def _module():
 
 
 def kernel(name: str) -> Callable | None:
-    """The built kernel `name`, or None (not built, or MOE_KERNELS=0)."""
+    """The built kernel `name`, or None (not built, MOE_KERNELS=0, or an older build named by
+    MOE_KERNELS_BUILD that predates it)."""
     if not enabled():
         return None
     module = _module()
-    return None if module is None else getattr(module, name)
+    return None if module is None else getattr(module, name, None)
 
 
 def _cpu_kernel(name: str, *tensors: torch.Tensor, fp32: bool = True) -> Callable | None:
@@ -313,6 +317,25 @@ def routed_ffn(
     )
     w13p, w2p = packed if packed is not None else (None, None)
     return fn(x.contiguous(), tokens, weights, counts_t, w13.detach(), w2.detach(), w13p, w2p)
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part, scale: float
+) -> torch.Tensor | None:
+    """A prefill part's causal attention (prefill.cpp): q [T, Hq, D] (the step's queries), k
+    [b, L, Hkv, D] and v [b, L, Hkv, Dv] (the part's gathered contexts), `part` an
+    AttentionPart -> [n, Hq, Dv], the part's tokens sequence by sequence; None when the kernel
+    cannot run here (not built or off, not fp32 on the CPU, Dv not a multiple of 16)."""
+    fn = _cpu_kernel("prefill_attention", q, k, v)
+    if fn is None or v.shape[-1] % 16 or q.shape[1] % k.shape[2] or q.shape[-1] != k.shape[-1]:
+        return None
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    return fn(q, k, v, part.query_index[:, 0], part.num_new, part.context_lens, scale)
 
 
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, part, layout, scale: float):

@@ -54,6 +54,10 @@ torch::Tensor ep_combine(torch::Tensor own, std::vector<c10::optional<torch::Ten
 
 std::tuple<double, int64_t> fma_peak(int64_t iters);
 
+torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                torch::Tensor starts, torch::Tensor news, torch::Tensor ctxs,
+                                double scale);
+
 // Instruction sets: each kernel's inner function is written once (MOE_INLINE, no target) and
 // wrapped three times, with MOE_AVX512, MOE_AVX2 and no attribute, so GCC compiles the inlined
 // loops for that set; callers pick the wrapper once per call with cpu_isa(). (GCC's

@@ -40,6 +40,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w2"), py::arg("w13_packed") = py::none(), py::arg("w2_packed") = py::none());
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention reading K/V in place from the paged cache");
+  m.def("prefill_attention", &prefill_attention,
+        "causal attention of each sequence's new queries over its context, no mask tensor");
   m.def("linear", &linear, "x W^T (+ b) with W packed in 16-output panels, fp32");
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows in one pass");
   m.def("softmax_topk", &softmax_topk, "router logits -> top-k expert ids and softmax weights");

@@ -45,6 +45,7 @@ class AttentionPart:
     # (SDPA's own mask) or decode (built from context_lens by the torch path, the kernel needs none)
     mask: torch.Tensor | None
     context_lens: torch.Tensor  # [b] int64: each sequence's context length (cached + new)
+    num_new: torch.Tensor  # [b] int64: each sequence's new tokens (its last ones in context)
     decode: bool  # one new token per sequence (Q = 1)
     causal: bool  # nothing cached and every sequence Q long: SDPA's own causal mask, no `mask`
 
@@ -206,6 +207,7 @@ def _part(
             token_index=torch.arange(b, device=device),
             mask=None,
             context_lens=ctx.to(device),
+            num_new=new_t.to(device),
             decode=True,
             causal=False,
         )
@@ -228,6 +230,7 @@ def _part(
         token_index=(local * q + row_in_seq).to(device),
         mask=mask,  # [b, 1, Q, L]
         context_lens=ctx.to(device),
+        num_new=new_t.to(device),
         decode=q == 1,
         causal=causal,
     )
@@ -257,7 +260,10 @@ def paged_attention(
             o = kernels.paged_decode_attention(q, cache, part, layout, scale)
         if o is None:
             k, v = kv(cache[part.context_slots])
-            o = _attend(q, k, v, part, scale)  # [n, Hq, Dv]
+            if not part.decode:  # causal, no mask tensor, any value width (prefill.cpp)
+                o = kernels.prefill_attention(q, k, v, part, scale)
+            if o is None:
+                o = _attend(q, k, v, part, scale)  # [n, Hq, Dv]
         if part.rows is None:
             return o
         if out is None:
