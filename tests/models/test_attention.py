@@ -223,8 +223,9 @@ def test_prefill_kernel_equals_the_torch_path(monkeypatch, case, hq, hkv, dk, dv
 
 
 def test_prefill_kernel_leaves_what_it_lacks_to_torch():
-    """Value widths that are not a multiple of 16, or queries wider than the keys: None, so the
-    caller runs SDPA."""
+    """Value widths that are not a multiple of 16, queries wider than the keys, more query heads
+    per KV head than a work item holds (DeepSeek-V3's absorbed MLA: 128): None, so the caller
+    runs SDPA."""
     if kernels.kernel("prefill_attention") is None:
         pytest.skip("the C++ kernels are not built here")
     part = AttentionMetadata.build([0], [5], [[0]], 16).parts[0]
@@ -233,3 +234,5 @@ def test_prefill_kernel_leaves_what_it_lacks_to_torch():
         assert kernels.prefill_attention(q, k, k, part, 0.3) is not None
         assert kernels.prefill_attention(q, k, k[..., :8], part, 0.3) is None
         assert kernels.prefill_attention(q[..., :8], k, k, part, 0.3) is None
+        many = torch.randn(5, kernels.PREFILL_GROUP + 2, 16)  # one KV head for all of them
+        assert kernels.prefill_attention(many, k[:, :, :1], k[:, :, :1], part, 0.3) is None

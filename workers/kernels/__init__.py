@@ -319,15 +319,22 @@ def routed_ffn(
     return fn(x.contiguous(), tokens, weights, counts_t, w13.detach(), w2.detach(), w13p, w2p)
 
 
+PREFILL_GROUP = 48  # query heads per KV head the prefill kernel takes (prefill.cpp MAXM)
+
+
 def prefill_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part, scale: float
 ) -> torch.Tensor | None:
     """A prefill part's causal attention (prefill.cpp): q [T, Hq, D] (the step's queries), k
     [b, L, Hkv, D] and v [b, L, Hkv, Dv] (the part's gathered contexts), `part` an
     AttentionPart -> [n, Hq, Dv], the part's tokens sequence by sequence; None when the kernel
-    cannot run here (not built or off, not fp32 on the CPU, Dv not a multiple of 16)."""
+    cannot run here (not built or off, not fp32 on the CPU, Dv not a multiple of 16, more than
+    PREFILL_GROUP query heads per KV head: DeepSeek-V3's absorbed MLA has 128 over one)."""
     fn = _cpu_kernel("prefill_attention", q, k, v)
-    if fn is None or v.shape[-1] % 16 or q.shape[1] % k.shape[2] or q.shape[-1] != k.shape[-1]:
+    hq, hkv = q.shape[1], k.shape[2]
+    if fn is None or v.shape[-1] % 16 or hq % hkv or hq // hkv > PREFILL_GROUP:
+        return None
+    if q.shape[-1] != k.shape[-1]:
         return None
     if q.stride(-1) != 1:
         q = q.contiguous()

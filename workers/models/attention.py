@@ -252,7 +252,8 @@ def paged_attention(
     """Causal attention of the step's queries q [T, Hq, Dk] over each sequence's context in a
     layer's `cache` [S, *shape] (already holding this step's tokens) -> [T, Hq, Dv]. `kv` turns
     gathered contexts [b, L, *shape] into k [b, L, Hkv, Dk] and v [b, L, Hkv, Dv]. With
-    `layout`, decode parts run the C++ kernel that reads K/V in place where it is built."""
+    `layout`, decode parts run the C++ kernel that reads K/V in place where it is built; other
+    parts run the C++ prefill kernel on the gathered K/V where it can take them, else SDPA."""
     out: torch.Tensor | None = None
     for part in meta.parts:
         o = None
