@@ -9,11 +9,13 @@
 // for all of them) walk the keys they can see in blocks of NB: scores S = Q K^T in a tile of R
 // rows x 16 keys (K packed once per call in panels of 16 keys, [D][16], as `linear`'s weights),
 // the causal cut on the diagonal blocks, the running max and sum per row, exponentials 8 at a
-// time, then O += P V in tiles of R rows x 16 value columns (V read in place: each value row's
-// 16 columns are contiguous). Items are taken latest block first from a shared counter.
+// time (of arguments <= 0 only: a leaner e^x), then O += P V in tiles of R rows x 16 value
+// columns (V read in place: each value row's 16 columns are contiguous). Items are taken latest
+// block first from a shared counter.
 // Measured against torch's CPU flash kernel (SDPA) on 2 threads of an AVX-512 EPYC, 8 query /
-// 4 KV heads of 64: 2,048 causal 27-29 ms vs 34-39; 952 new over 3,000: 30-33 vs 43-45; MLA's
-// expanded 96/64 (SDPA needs V padded to 96): 34 vs 49-55 (`python -m bench.prefill_attention`).
+// 4 KV heads of 64: 2,048 causal 26-28 ms vs 39-42; 952 new over 3,000: 30-32 vs 45-53; MLA's
+// expanded 96/64 (SDPA needs V padded to 96): 34-39 vs 49-60 (`python -m
+// bench.prefill_attention`).
 #include "kernels.h"
 
 #include <limits>
@@ -108,6 +110,28 @@ MOE_INLINE void pv_rows(int64_t m, const float* p, const float* v, int64_t ldv, 
   }
 }
 
+// e^x for x <= 0 (a score minus its row's running max): Cephes' polynomial as exp8
+// (kernels.h), without what arguments <= 0 never need: no upper clamp, the rounding to the
+// nearest integer by adding 1.5 * 2^23 (whose low mantissa bits then hold it), and below -87.3
+// e^-87.3 (~1e-38, nothing next to the row's 1) instead of 0. ~7% of the kernel's time saved.
+MOE_INLINE v8f exp8_nonpositive(v8f x) {
+  typedef int32_t v8i __attribute__((vector_size(32)));
+  const v8f lo = v8f{} - 87.3365447504f, magic = v8f{} + 12582912.f;
+  x = x < lo ? lo : x;
+  const v8f t = x * 1.44269504088896341f + magic;  // magic + round(x / ln 2)
+  const v8f n = t - magic;
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v8f y = 1.9875691500E-4f * x + 1.3981999507E-3f;
+  y = y * x + 8.3334519073E-3f;
+  y = y * x + 4.1665795894E-2f;
+  y = y * x + 1.6666665459E-1f;
+  y = y * x + 5.0000001201E-1f;
+  y = y * x * x + x + 1.f;
+  const v8i two_n =
+      (reinterpret_cast<const v8i&>(t) - reinterpret_cast<const v8i&>(magic) + 127) << 23;
+  return y * reinterpret_cast<const v8f&>(two_n);
+}
+
 // Softmax of one score row's first `valid` keys against the running max and sum; the row
 // becomes its weights (0 past `valid`), the row's output is rescaled by the max's change.
 MOE_INLINE void online_softmax(float* row, int64_t valid, int64_t width, float& mx, float& l,
@@ -127,7 +151,7 @@ MOE_INLINE void online_softmax(float* row, int64_t valid, int64_t width, float& 
   const v8f mv = v8f{} + mnew;
   v8f sum8{};
   for (c = 0; c + 8 <= valid; c += 8) {
-    const v8f e = exp8(load8(row + c) - mv);
+    const v8f e = exp8_nonpositive(load8(row + c) - mv);
     store8(row + c, e);
     sum8 += e;
   }
