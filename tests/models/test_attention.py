@@ -236,3 +236,22 @@ def test_prefill_kernel_leaves_what_it_lacks_to_torch():
         assert kernels.prefill_attention(q[..., :8], k, k, part, 0.3) is None
         many = torch.randn(5, kernels.PREFILL_GROUP + 2, 16)  # one KV head for all of them
         assert kernels.prefill_attention(many, k[:, :, :1], k[:, :, :1], part, 0.3) is None
+
+
+def test_the_mask_is_made_once_and_only_when_read():
+    """Prefill parts keep their queries' positions, not a [b, 1, Q, L] mask: the C++ kernel never
+    reads one; SDPA's path makes it on first use and every later layer gets the same tensor."""
+    meta = AttentionMetadata.build([3, 0], [2, 5], [[0], [1]], 8)
+    (part,) = meta.parts
+    assert part.query_positions.tolist() == [[3, 4, 4, 4, 4], [0, 1, 2, 3, 4]]  # pads repeat
+    mask = part.mask()
+    assert part.mask() is mask
+    assert mask[:, 0].tolist() == [
+        [[True] * 4 + [False]] + [[True] * 5] * 4,
+        [[True] * (i + 1) + [False] * (4 - i) for i in range(5)],
+    ]
+    causal = AttentionMetadata.build([0], [3], [[0]], 8).parts[0]
+    assert causal.causal and causal.query_positions is None
+    assert causal.mask()[0, 0].tolist() == [[True, False, False], [True, True, False], [True] * 3]
+    decode = AttentionMetadata.build([4, 1], [1, 1], [[0], [1]], 8).parts[0]
+    assert decode.mask()[:, 0, 0].tolist() == [[True] * 5, [True, True, False, False, False]]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +41,31 @@ class AttentionPart:
     context_slots: torch.Tensor  # [b, L] int64: cache slots of each sequence's context (pad: 0)
     query_index: torch.Tensor  # [b, Q] int64: row in T of each padded query (pad: last real row)
     token_index: torch.Tensor  # [n] int64: row of each of the part's tokens in the [b * Q] queries
-    # [b, 1, Q, L] bool: True where a query may attend a key (causal + length); None when causal
-    # (SDPA's own mask) or decode (built from context_lens by the torch path, the kernel needs none)
-    mask: torch.Tensor | None
+    # [b, Q] int64: each padded query's position in its sequence; None when causal (SDPA's own
+    # mask) or decode (the torch path's mask comes from context_lens, the kernel needs none)
+    query_positions: torch.Tensor | None
     context_lens: torch.Tensor  # [b] int64: each sequence's context length (cached + new)
     num_new: torch.Tensor  # [b] int64: each sequence's new tokens (its last ones in context)
     decode: bool  # one new token per sequence (Q = 1)
     causal: bool  # nothing cached and every sequence Q long: SDPA's own causal mask, no `mask`
+    _mask: list = field(default_factory=list, compare=False, repr=False)  # mask(), once made
+
+    def mask(self) -> torch.Tensor:
+        """[b, 1, Q, L] bool: True where a query may attend a key (causal + length), for SDPA.
+        Made on first use and kept for the step's other layers; never when the C++ kernels run
+        the part (a 2,048-token chunk after a 30,000-token prefix: 64 MB)."""
+        if not self._mask:
+            width = self.context_slots.shape[1]
+            keys = torch.arange(width, device=self.context_lens.device)
+            if self.decode:  # each sequence's one query sees its whole context
+                mask = (keys[None, :] < self.context_lens[:, None])[:, None, None, :]
+            else:
+                positions = self.query_positions  # None when causal: query i at position i
+                if positions is None:
+                    positions = torch.arange(self.query_index.shape[1], device=keys.device)[None]
+                mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
+            self._mask.append(mask)
+        return self._mask[0]
 
 
 @dataclass(frozen=True)
@@ -205,7 +223,7 @@ def _part(
             context_slots=context_slots.to(device),
             query_index=starts[:, None].to(device),
             token_index=torch.arange(b, device=device),
-            mask=None,
+            query_positions=None,
             context_lens=ctx.to(device),
             num_new=new_t.to(device),
             decode=True,
@@ -215,10 +233,7 @@ def _part(
     q_clamped = torch.minimum(qi, (new_t - 1)[:, None])  # [b, Q] pad rows repeat the last
     query_index = starts[:, None] + q_clamped  # [b, Q]
     causal = q > 1 and width == q and bool((new_t == q).all())
-    mask = None
-    if not causal:  # a 2,048-token prompt's mask alone is 4 MB: built only where it is read
-        q_pos = cached_t[:, None] + q_clamped  # [b, Q]
-        mask = (torch.arange(width)[None, None, :] <= q_pos[:, :, None])[:, None].to(device)
+    q_pos = None if causal else (cached_t[:, None] + q_clamped).to(device)  # [b, Q]
     local = torch.repeat_interleave(torch.arange(b), new_t)  # [n] the part's sequence of a token
     local_starts = torch.cumsum(new_t, 0) - new_t  # [b]
     row_in_seq = torch.arange(int(new_t.sum())) - local_starts[local]  # [n]
@@ -228,7 +243,7 @@ def _part(
         context_slots=context_slots.to(device),
         query_index=query_index.to(device),
         token_index=(local * q + row_in_seq).to(device),
-        mask=mask,  # [b, 1, Q, L]
+        query_positions=q_pos,
         context_lens=ctx.to(device),
         num_new=new_t.to(device),
         decode=q == 1,
@@ -274,13 +289,6 @@ def paged_attention(
     return out
 
 
-def _decode_mask(part: AttentionPart) -> torch.Tensor:
-    """A decode part's mask [b, 1, 1, L]: each sequence's one query sees its whole context."""
-    width = part.context_slots.shape[1]
-    keys = torch.arange(width, device=part.context_lens.device)
-    return (keys[None, :] < part.context_lens[:, None])[:, None, None, :]
-
-
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: AttentionPart, scale: float
 ) -> torch.Tensor:
@@ -309,7 +317,7 @@ def _attend(
         )[..., :dv]  # [b, Hq, Q, Dv]
         return out.transpose(1, 2).reshape(b * nq, hq, dv)[part.token_index]
     qg = qp.view(b, nq, hkv, g, dk).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * nq, dk)
-    mask = part.mask if part.mask is not None else _decode_mask(part)  # [b, 1, Q, L]
+    mask = part.mask()  # [b, 1, Q, L]
     mask = mask if g == 1 else mask.repeat(1, 1, g, 1)  # [b, 1, G*Q, L]
     out = F.scaled_dot_product_attention(
         qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
