@@ -11,6 +11,7 @@ changes must finish with the offline engine's tokens. Two Router replicas serve 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -103,12 +104,17 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-HTTP_PORT = free_port()  # Serve keeps the http/grpc options of its first deploy: one per module
+@functools.cache
+def http_port() -> int:
+    """Serve's HTTP port for the module: Serve keeps the http/grpc options of its first deploy.
+    Taken at the first deploy, not at import: a port picked at collection sat unused for minutes
+    while other modules' clusters ran, and once was taken by then (`Failed to bind`)."""
+    return free_port()
 
 
 @pytest.fixture(scope="module")
 def port() -> int:
-    """One gRPC port for the module (see HTTP_PORT)."""
+    """One gRPC port for the module (see http_port)."""
     return free_port()
 
 
@@ -121,7 +127,7 @@ def model_dir(tmp_path_factory):
 def _config(model: Path, port: int, decode_replicas: int) -> dict:
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": "127.0.0.1", "port": HTTP_PORT},
+        "http_options": {"host": "127.0.0.1", "port": http_port()},
         "applications": [
             {
                 "name": APP_NAME,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import time
 import urllib.request
@@ -40,7 +41,9 @@ MAX_INFLIGHT = 8
 pytestmark = pytest.mark.timeout(600)
 
 
-METRICS_PORT = free_port()
+# the Prometheus port, taken when the module's cluster starts (not at import: see test_scaling's
+# http_port)
+metrics_port = functools.cache(free_port)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,7 @@ def ray_cluster():
     start_embedded_ray(
         num_cpus=2,
         include_dashboard=False,
-        _metrics_export_port=METRICS_PORT,
+        _metrics_export_port=metrics_port(),
         _system_config={"metrics_report_interval_ms": 1000},
     )
     yield
@@ -451,7 +454,7 @@ def test_deadline_stops_the_work(client):
 
 def _scrape() -> dict[str, list[tuple[str, float]]]:
     """Ray's Prometheus text: metric name -> [(labels, value)] for the ray_moe_* series."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port()}/metrics", timeout=10).read()
     series: dict[str, list[tuple[str, float]]] = {}
     for line in text.decode().splitlines():
         if line.startswith("ray_moe_"):
