@@ -11,10 +11,9 @@ over the causal pairs only.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
+from bench.long_prefill import best
 from workers import kernels
 from workers.models.attention import AttentionMetadata, _attend
 
@@ -26,16 +25,6 @@ SHAPES = [  # name, sequences, cached, new, query heads, KV heads, key dim, valu
     ("Qwen3 16 prompts of 64", 16, 0, 64, 8, 4, 64, 64),
     ("MLA absorbed, 8 prompts of 64 (a step with decodes)", 8, 0, 64, 16, 1, 576, 512),
 ]
-
-
-def best(fn, repeat: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -62,8 +51,8 @@ def main() -> None:
                 atol=1e-4,
                 rtol=1e-4,
             )
-            sdpa = best(lambda: _attend(q, k, v, part, scale))  # noqa: B023
-            ours = best(lambda: kernels.prefill_attention(q, k, v, part, scale))  # noqa: B023
+            sdpa = best(lambda: _attend(q, k, v, part, scale), 5)  # noqa: B023
+            ours = best(lambda: kernels.prefill_attention(q, k, v, part, scale), 5)  # noqa: B023
         pairs = b * sum(cached + i + 1 for i in range(new))
         flops = 2 * hq * pairs * (dk + dv)
         print(

@@ -334,7 +334,7 @@ def prefill_attention(
     hq, hkv = q.shape[1], k.shape[2]
     if fn is None or v.shape[-1] % 16 or hq % hkv or hq // hkv > PREFILL_GROUP:
         return None
-    if q.shape[-1] != k.shape[-1]:
+    if q.shape[-1] != k.shape[-1]:  # the kernel reads both as D wide
         return None
     if q.stride(-1) != 1:
         q = q.contiguous()

@@ -114,6 +114,22 @@ MOE_INLINE float hsum8(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
+// e^x = 2^n e^r for 8 floats given n = round(x / ln 2) as whole floats (|r| <= ln 2 / 2):
+// Cephes expf's reduction by ln 2 in two parts, degree-5 polynomial, 2^n through the exponent
+// bits. The tail of exp8 below and of prefill.cpp's exp8_nonpositive.
+MOE_INLINE v8f exp8_scaled(v8f x, v8f n) {
+  typedef int32_t v8i __attribute__((vector_size(32)));
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v8f y = 1.9875691500E-4f * x + 1.3981999507E-3f;
+  y = y * x + 8.3334519073E-3f;
+  y = y * x + 4.1665795894E-2f;
+  y = y * x + 1.6666665459E-1f;
+  y = y * x + 5.0000001201E-1f;
+  y = y * x * x + x + 1.f;
+  const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+  return y * reinterpret_cast<const v8f&>(bits);
+}
+
 // e^x for 8 floats (Cephes expf: range reduction by ln 2 in two parts, degree-5 polynomial,
 // 2^n through the exponent bits); relative error ~1e-7 over [-87, 88], 0 below.
 MOE_INLINE v8f exp8(v8f x) {
@@ -125,16 +141,7 @@ MOE_INLINE v8f exp8(v8f x) {
   v8f t = x * 1.44269504088896341f + 0.5f;
   v8f n = __builtin_convertvector(__builtin_convertvector(t, v8i), v8f);  // truncates
   n = n > t ? n - 1.f : n;                                                  // floor
-  x = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v8f y = 1.9875691500E-4f * x + 1.3981999507E-3f;
-  y = y * x + 8.3334519073E-3f;
-  y = y * x + 4.1665795894E-2f;
-  y = y * x + 1.6666665459E-1f;
-  y = y * x + 5.0000001201E-1f;
-  y = y * x * x + x + 1.f;
-  const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-  y = y * reinterpret_cast<const v8f&>(bits);
-  return under ? v8f{} : y;
+  return under ? v8f{} : exp8_scaled(x, n);
 }
 
 // One RMSNorm row, y = w * x / sqrt(mean(x^2) + eps) with fp32 statistics (transformers'

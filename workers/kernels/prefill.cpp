@@ -110,26 +110,16 @@ MOE_INLINE void pv_rows(int64_t m, const float* p, const float* v, int64_t ldv, 
   }
 }
 
-// e^x for x <= 0 (a score minus its row's running max): Cephes' polynomial as exp8
-// (kernels.h), without what arguments <= 0 never need: no upper clamp, the rounding to the
-// nearest integer by adding 1.5 * 2^23 (whose low mantissa bits then hold it), and below -87.3
-// e^-87.3 (~1e-38, nothing next to the row's 1) instead of 0. ~7% of the kernel's time saved.
+// e^x for x <= 0 (a score minus its row's running max): exp8's reduction and polynomial
+// (kernels.h exp8_scaled) without what arguments <= 0 never need: no upper clamp, rounding to
+// the nearest integer by adding and taking off 1.5 * 2^23 instead of a truncation and a floor,
+// and below -87.3 e^-87.3 (~1e-38, nothing next to the row's 1) instead of 0. ~7% of the
+// kernel's time saved.
 MOE_INLINE v8f exp8_nonpositive(v8f x) {
-  typedef int32_t v8i __attribute__((vector_size(32)));
   const v8f lo = v8f{} - 87.3365447504f, magic = v8f{} + 12582912.f;
   x = x < lo ? lo : x;
-  const v8f t = x * 1.44269504088896341f + magic;  // magic + round(x / ln 2)
-  const v8f n = t - magic;
-  x = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v8f y = 1.9875691500E-4f * x + 1.3981999507E-3f;
-  y = y * x + 8.3334519073E-3f;
-  y = y * x + 4.1665795894E-2f;
-  y = y * x + 1.6666665459E-1f;
-  y = y * x + 5.0000001201E-1f;
-  y = y * x * x + x + 1.f;
-  const v8i two_n =
-      (reinterpret_cast<const v8i&>(t) - reinterpret_cast<const v8i&>(magic) + 127) << 23;
-  return y * reinterpret_cast<const v8f&>(two_n);
+  const v8f n = (x * 1.44269504088896341f + magic) - magic;  // round(x / ln 2)
+  return exp8_scaled(x, n);
 }
 
 // Softmax of one score row's first `valid` keys against the running max and sum; the row
