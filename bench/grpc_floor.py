@@ -25,6 +25,7 @@ from typing import Any
 
 import grpc.aio
 
+from bench.ingress import StandIn
 from router.client import AsyncInferenceClient
 from router.proto import inference_pb2 as pb
 from router.proto import inference_pb2_grpc as pbg
@@ -32,8 +33,9 @@ from router.proto import inference_pb2_grpc as pbg
 _TICKS = 1 << 30
 
 
-class _Ticking(pbg.InferenceServicer):
-    """Every stream sends its next one-token message when the shared step ticks."""
+class _Ticking(StandIn):
+    """`bench.ingress`'s stand-in, every stream sending its next message when the shared step
+    ticks."""
 
     def __init__(self, step_s: float) -> None:
         self.step_s = step_s
@@ -47,20 +49,12 @@ class _Ticking(pbg.InferenceServicer):
             done, self.tick = self.tick, loop.create_future()
             done.set_result(None)
 
+    async def next_step(self) -> None:
+        assert self.tick is not None
+        await self.tick
+
     async def GetModelInfo(self, request: Any, context: Any) -> pb.ModelInfo:  # noqa: N802
         return pb.ModelInfo(architecture="stand-in")
-
-    async def Generate(self, request: Any, context: Any):  # noqa: N802
-        n = request.sampling.max_tokens
-        for i in range(n):
-            assert self.tick is not None
-            await self.tick
-            msg = pb.GenerateResponse(token_ids=[i + 3], text="ab")
-            if i == n - 1:
-                msg.finish_reason = "length"
-                msg.usage.prompt_tokens = len(request.prompt_token_ids)
-                msg.usage.completion_tokens = n
-            yield msg
 
 
 async def _serve(port: int, step_s: float) -> None:

@@ -43,10 +43,14 @@ class StandIn(pbg.InferenceServicer):
 
     step_s = 0.02
 
+    async def next_step(self) -> None:
+        """Until this stream's next message is due (here: its own timer)."""
+        await asyncio.sleep(self.step_s)
+
     async def Generate(self, request: Any, context: Any = None):  # noqa: N802
         n = request.sampling.max_tokens
         for i in range(n):
-            await asyncio.sleep(self.step_s)
+            await self.next_step()
             msg = pb.GenerateResponse(token_ids=[i + 3], text="ab")
             if i == n - 1:
                 msg.finish_reason = "length"
