@@ -44,19 +44,27 @@ struct Scratch {
   std::vector<float> qs, s, o, mx, l;
 };
 
+// acc[R rows][16] += A[R, k] . B[k, 16] (A's rows lda apart, B's rows ldb apart): the loop of
+// both tiles below
+template <int R>
+MOE_INLINE void mac16(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t k,
+                      v8f (&acc)[R][2]) {
+  for (int64_t p = 0; p < k; ++p) {
+    const v8f w0 = load8(b + p * ldb), w1 = load8(b + p * ldb + 8);
+    for (int r = 0; r < R; ++r) {
+      const float x = a[r * lda + p];
+      acc[r][0] += x * w0;
+      acc[r][1] += x * w1;
+    }
+  }
+}
+
 // S[R, 16] = Qs[R, D] . (16 keys of a panel [D][16])^T
 template <int R>
 MOE_INLINE void qk_tile(const float* qs, int64_t d, const float* panel, float* s) {
   v8f acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = v8f{};
-  for (int64_t p = 0; p < d; ++p) {
-    const v8f w0 = load8(panel + p * 16), w1 = load8(panel + p * 16 + 8);
-    for (int r = 0; r < R; ++r) {
-      const float a = qs[r * d + p];
-      acc[r][0] += a * w0;
-      acc[r][1] += a * w1;
-    }
-  }
+  mac16<R>(qs, d, panel, 16, d, acc);
   for (int r = 0; r < R; ++r) {
     store8(s + r * NB, acc[r][0]);
     store8(s + r * NB + 8, acc[r][1]);
@@ -72,14 +80,7 @@ MOE_INLINE void pv_tile(const float* p, const float* v, int64_t ldv, int64_t nk,
     acc[r][0] = load8(o + r * ldo);
     acc[r][1] = load8(o + r * ldo + 8);
   }
-  for (int64_t n = 0; n < nk; ++n) {
-    const v8f w0 = load8(v + n * ldv), w1 = load8(v + n * ldv + 8);
-    for (int r = 0; r < R; ++r) {
-      const float a = p[r * NB + n];
-      acc[r][0] += a * w0;
-      acc[r][1] += a * w1;
-    }
-  }
+  mac16<R>(p, NB, v, ldv, nk, acc);
   for (int r = 0; r < R; ++r) {
     store8(o + r * ldo, acc[r][0]);
     store8(o + r * ldo + 8, acc[r][1]);
