@@ -1,8 +1,8 @@
 """The rank -> router hop alone: CPU per streamed token of one rank channel, both ends summed.
 
-A `ChannelServer` (the rank's end: framing, pickling, one `StepReport` per step per router)
-publishes steps of S streams, one token each, to a `RankChannel` (the router's end: reading,
-unpickling, fanning each delta out to its request's queue, a consumer per request) over real
+A `ChannelServer` (the rank's end: encoding, framing with a MAC, one `StepReport` per step per
+router) publishes steps of S streams, one token each, to a `RankChannel` (the router's end:
+reading, checking the MAC, decoding, fanning each delta out to its request's queue, a consumer per request) over real
 TCP on loopback, in one process, so `time.process_time()` sums both ends. The rank's engine is
 left out on purpose (this measures the hop, not the model): the channel server is given a
 stand-in with the attributes it reads.
@@ -23,6 +23,7 @@ from workers.engine import SamplingParams
 from workers.messages import Delta, RankAddress, RankLoad, Submit
 from workers.rank.channel import ChannelServer, listen_socket
 from workers.rank.transport import KVStore, PeerKVTransport
+from workers.wire import WireKey
 
 
 class _RankStandIn(SimpleNamespace):
@@ -51,9 +52,11 @@ async def _run(streams: int, steps: int) -> tuple[float, float, int]:
         snapshot=SimpleNamespace(load=load, status=None),
         sessions=set(),
     )
-    server = ChannelServer(rank, PeerKVTransport(KVStore(), host, port, "bench"), sock).start()
+    key = WireKey.generate()
+    transport = PeerKVTransport(KVStore(), host, port, "bench", key)
+    server = ChannelServer(rank, transport, sock, key).start()
     address = RankAddress("bench", "decode", "g", 0, 1, host, port)
-    channel = RankChannel(address, "router-bench", rank_timeout_s=30)
+    channel = RankChannel(address, "router-bench", rank_timeout_s=30, key=key)
     await channel.connect()
     queues = [asyncio.Queue() for _ in range(streams)]
     params = SamplingParams(max_tokens=steps + 1)

@@ -37,6 +37,7 @@ from cluster.registry import (
     gang_init_method,
     list_ranks,
 )
+from cluster.wire_key import wire_key
 from router.channels import RankDirectory
 from router.metrics import RouterMetrics
 from router.openai_api import OpenAIFrontend, openai_ingress
@@ -116,6 +117,7 @@ class _RankServer:
             cfg.model.path,
             member,
             host=ray.util.get_node_ip_address(),
+            wire_key=wire_key(self._app),
             init_method=gang_init_method(self._app, member.gang_id, rank),
             dtype=cfg.model.dtype,
             engine_config=engine_config(cfg, self.stage),
@@ -201,6 +203,7 @@ class RouterServer:
         app = ctx.app_name or APP_NAME
         peer_id = f"router-{ctx.replica_id.unique_id}"
         r = cfg.router
+        key = wire_key(app)
         directories: list[RankDirectory] = []
         listing = RankListing()
 
@@ -213,6 +216,7 @@ class RouterServer:
                     RankDirectory(
                         live_ranks,
                         peer_id,
+                        key,
                         block_size=cfg.decode.block_size,
                         rank_timeout_s=r.rank_timeout_s,
                         refresh_s=REPORT_PERIOD_S,

@@ -7,8 +7,8 @@
   entry is deleted once silent for `FORGET_AFTER_S`.
 
 Keys live in the `moe-cluster` namespace under `<app>/gang/<gang id>` and
-`<app>/rank/<replica id>`; values are pickles (inside the cluster only, like the rank channels:
-README "Ports"). A GCS call that fails raises; the periodic callers keep trying. Each call is
+`<app>/rank/<replica id>`; values are msgpack in `RankEntry`'s schema (decoded into that type
+alone: nothing read from GCS is unpickled). A GCS call that fails raises; the periodic callers keep trying. Each call is
 one GCS RPC: no Python process of ours on the path (a registry actor cost 2-2.5% of a core while
 idle on a 2-core VM, from its own core worker and task execution alone).
 """
@@ -16,10 +16,11 @@ idle on a 2-core VM, from its own core worker and task execution alone).
 from __future__ import annotations
 
 import contextlib
-import pickle
+import logging
 import time
 from dataclasses import dataclass, field
 
+import msgspec
 import ray
 from ray.experimental.internal_kv import internal_kv_get_gcs_client
 
@@ -36,6 +37,7 @@ __all__ = [
     "list_ranks",
 ]
 
+log = logging.getLogger("moe_cluster")
 NAMESPACE = b"moe-cluster"
 REPORT_PERIOD_S = 0.5
 STALE_AFTER_S = 3.0
@@ -54,6 +56,28 @@ def _key(app: str, kind: str, name: str = "") -> bytes:
     return f"{app}/{kind}/{name}".encode()
 
 
+@dataclass(frozen=True)
+class RankEntry:
+    """One rank's registry value."""
+
+    seq: int  # advances with every publish: readers judge liveness by it
+    published: float  # the publisher's time.time()
+    address: RankAddress
+
+
+def encode_entry(entry: RankEntry) -> bytes:
+    return msgspec.msgpack.encode(entry)
+
+
+def decode_entry(value: bytes) -> RankEntry | None:
+    """The entry, or None (logged) when the value is not one."""
+    try:
+        return msgspec.msgpack.decode(value, type=RankEntry)
+    except msgspec.DecodeError as e:
+        log.warning("ignored a registry entry that is not a rank's: %s", e)
+        return None
+
+
 class RankPublisher:
     """A rank's entry: `publish` every REPORT_PERIOD_S; each value carries a sequence number
     that readers watch advance, and the publisher's wall time for a reader's first look."""
@@ -64,7 +88,7 @@ class RankPublisher:
 
     def publish(self, address: RankAddress) -> None:
         self._seq += 1
-        value = pickle.dumps((self._seq, time.time(), address), protocol=5)
+        value = encode_entry(RankEntry(self._seq, time.time(), address))
         key = _key(self.app, "rank", address.replica_id)
         _gcs().internal_kv_put(key, value, True, NAMESPACE, timeout=GCS_TIMEOUT_S)
 
@@ -95,7 +119,10 @@ class RankListing:
         expired: list[bytes] = []
         seen: dict[bytes, tuple[int, float]] = {}
         for key, value in entries.items():
-            seq, published, address = pickle.loads(value)
+            entry = decode_entry(value)
+            if entry is None:
+                continue
+            seq, published, address = entry.seq, entry.published, entry.address
             before = self._seen.get(key)
             if before is None:
                 at = now - max(0.0, wall_now - published)

@@ -33,7 +33,7 @@ from workers.messages import (
     StepReport,
     Submit,
 )
-from workers.wire import ChannelClosed, read_frame, write_frame
+from workers.wire import ChannelClosed, WireError, WireKey, WireStream, connect
 
 __all__ = ["RankChannel", "RankDirectory"]
 
@@ -43,9 +43,12 @@ ROUTED_MARKS = 4096  # prompt-block marks a channel remembers sending (its rank 
 
 
 class RankChannel:
-    def __init__(self, address: RankAddress, peer_id: str, rank_timeout_s: float) -> None:
+    def __init__(
+        self, address: RankAddress, peer_id: str, rank_timeout_s: float, key: WireKey
+    ) -> None:
         self.address = address
         self.peer_id = peer_id
+        self._key = key
         self.rank_timeout_s = rank_timeout_s
         self.reported = RankLoad(address.replica_id)
         self.status: RankStatus | None = None
@@ -57,7 +60,7 @@ class RankChannel:
         # summary marks of prompts this router sent the rank (most recent last): their blocks
         # are cached there once computed, before the rank's reports can say so
         self._routed: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self._writer: asyncio.StreamWriter | None = None
+        self._stream: WireStream | None = None
         self._reader_task: asyncio.Task | None = None
         self.on_lost: Callable[[RankChannel], None] = lambda ch: None
 
@@ -66,12 +69,14 @@ class RankChannel:
         return self.address.replica_id
 
     async def connect(self, timeout_s: float = 5.0) -> None:
+        """Dial the rank and authenticate both ends (`workers/wire`). Raises OSError,
+        TimeoutError, or WireError when the rank cannot prove it holds the cluster's key."""
         a = self.address
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(a.host, a.port), timeout_s)
-        write_frame(writer, Hello(self.peer_id))
-        self._writer = writer
+        stream = await connect(a.host, a.port, self._key, timeout_s=timeout_s)
+        stream.send(Hello(self.peer_id))
+        self._stream = stream
         self.alive = True
-        self._reader_task = asyncio.create_task(self._read(reader), name=f"channel-{self.key}")
+        self._reader_task = asyncio.create_task(self._read(stream), name=f"channel-{self.key}")
 
     def load(self) -> RankLoad:
         """The rank's last report plus this router's submits it has not taken in yet."""
@@ -106,7 +111,7 @@ class RankChannel:
     ) -> None:
         """Send `msg`; until the rank takes it in, count `kv_blocks` and `prompt_tokens` (the
         prompt tokens it will compute; default: all, or none when `msg` brings its KV) as load."""
-        if not self.alive or self._writer is None:
+        if not self.alive or self._stream is None:
             queue.put_nowait(Delta.ended(msg.request_id, MIGRATE, "its rank was lost"))
             return
         self.requests[msg.request_id] = queue
@@ -114,45 +119,46 @@ class RankChannel:
         if prompt_tokens is None:
             prompt_tokens = 0 if msg.kv is not None else len(msg.prompt_token_ids)
         self._unadmitted.append((self._num_submitted, prompt_tokens, kv_blocks))
-        write_frame(self._writer, msg)
+        self._stream.send(msg)
 
     def abort(self, request_id: str) -> None:
-        if self.requests.pop(request_id, None) is not None and self.alive and self._writer:
-            write_frame(self._writer, Abort(request_id))
+        if self.requests.pop(request_id, None) is not None and self.alive and self._stream:
+            self._stream.send(Abort(request_id))
 
     def release(self, key: str) -> None:
-        if self.alive and self._writer is not None:
-            write_frame(self._writer, Release(key))
+        if self.alive and self._stream is not None:
+            self._stream.send(Release(key))
 
     def drain(self, grace_s: float) -> None:
-        if self.alive and self._writer is not None:
-            write_frame(self._writer, DrainRank(grace_s))
+        if self.alive and self._stream is not None:
+            self._stream.send(DrainRank(grace_s))
             # stop routing here at once, before the rank's next report says so
             self.reported = dataclasses.replace(self.reported, accepting=False)
 
     def close(self) -> None:
         if self._reader_task is not None:
             self._reader_task.cancel()
-        if self._writer is not None:
-            self._writer.close()
+        if self._stream is not None:
+            self._stream.close()
         self._lost("the router closed the channel")
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
+    async def _read(self, stream: WireStream) -> None:
         why = "its rank was lost"
         try:
             while True:
                 try:
-                    msg = await asyncio.wait_for(read_frame(reader), self.rank_timeout_s)
+                    msg = await asyncio.wait_for(stream.recv(), self.rank_timeout_s)
                 except TimeoutError:
                     why = f"its rank was silent for {self.rank_timeout_s:g} s"
                     return
                 if isinstance(msg, StepReport):
                     self._report(msg)
+        except WireError as e:
+            log.warning("closed the channel to %s rank %s: %s", self.address.stage, self.key, e)
         except ChannelClosed:
             pass
         finally:
-            if self._writer is not None:
-                self._writer.close()
+            stream.close()
             self._lost(why)
 
     def _report(self, report: StepReport) -> None:
@@ -187,6 +193,7 @@ class RankDirectory:
         self,
         list_ranks: Callable[[], Awaitable[list[RankAddress]]],
         peer_id: str,
+        key: WireKey,
         *,
         block_size: int = 16,
         rank_timeout_s: float = 10.0,
@@ -195,6 +202,7 @@ class RankDirectory:
     ) -> None:
         self._list_ranks = list_ranks
         self.peer_id = peer_id
+        self._key = key
         self.block_size = block_size
         self.rank_timeout_s = rank_timeout_s
         self.refresh_s = refresh_s
@@ -228,7 +236,7 @@ class RankDirectory:
         for key, address in listed.items():
             if key in self.channels or key in self._lost:
                 continue
-            ch = RankChannel(address, self.peer_id, self.rank_timeout_s)
+            ch = RankChannel(address, self.peer_id, self.rank_timeout_s, self._key)
             ch.on_lost = self._on_lost
             try:
                 await ch.connect()

@@ -1,5 +1,6 @@
-"""What routers and ranks say to each other over a rank channel (`workers/wire.py` frames them):
-plain, picklable, no tensors except inside `KVData`.
+"""What routers and ranks say to each other over a rank channel (`workers/wire` frames them):
+plain dataclasses of plain fields, so each has one msgpack schema (`workers/wire/codec.py`); the
+only tensors are a KV handoff's, as raw bytes with dtype and shape (`WireTensor`).
 
 One channel is one TCP connection between one router replica and one rank (and, for a KV
 pull, between a decode rank and the prefill rank that owns the KV). Router -> rank: `Hello`
@@ -23,6 +24,7 @@ __all__ = [
     "Fetch",
     "Hello",
     "KVData",
+    "KVPayload",
     "KVRef",
     "RankAddress",
     "RankLoad",
@@ -30,9 +32,10 @@ __all__ = [
     "Release",
     "StepReport",
     "Submit",
+    "WireTensor",
 ]
 
-PROTOCOL = 2  # bumped when a message changes shape; Hello carries it
+PROTOCOL = 3  # bumped when a message changes shape; Hello carries it
 MAX_CACHED_PREFIXES = 256  # entries of RankLoad.cached_prefixes: bounds every load report
 
 # Delta.error_kind values: what the router does with a request that ended without finishing
@@ -115,9 +118,32 @@ class Fetch:
 
 
 @dataclass(frozen=True)
+class WireTensor:
+    """A tensor on the wire: its bytes (row-major, the sender's little-endian layout) with the
+    dtype and shape to read them by; the receiver checks both against its model's."""
+
+    dtype: str  # torch dtype name without "torch.": "float32", "bfloat16", "float16"
+    shape: list[int]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class KVPayload:
+    """A `KVHandoff` on the wire (`workers/wire/kv.py` converts and checks)."""
+
+    request_id: str
+    prompt_token_ids: list[int]  # P tokens
+    first_token: int
+    num_emitted_chars: int
+    params: SamplingParams
+    kv: list[WireTensor]  # per layer [P, *kv_token_shape]
+    logprobs: list[dict[int, float]] | None
+
+
+@dataclass(frozen=True)
 class KVData:
     key: str
-    handoff: object | None  # a KVHandoff, or None when the owner no longer has the key
+    handoff: KVPayload | None  # None when the owner no longer has the key
 
 
 @dataclass(frozen=True)

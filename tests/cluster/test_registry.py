@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
 
-from cluster.registry import FORGET_AFTER_S, STALE_AFTER_S, RankListing
+from cluster.registry import FORGET_AFTER_S, STALE_AFTER_S, RankEntry, RankListing, encode_entry
 from workers.messages import RankAddress
 
 
@@ -21,7 +22,7 @@ def _rank(name: str) -> RankAddress:
 
 
 def _entry(name: str, seq: int, published: float) -> tuple[bytes, bytes]:
-    return name.encode(), pickle.dumps((seq, published, _rank(name)))
+    return name.encode(), encode_entry(RankEntry(seq, published, _rank(name)))
 
 
 def _live(listing: RankListing, entries: list[tuple[bytes, bytes]], now: float, wall: float):
@@ -62,3 +63,22 @@ def test_an_entry_gone_from_the_store_is_forgotten():
     assert _live(listing, [], 1.0, wall) == ([], [])
     # published again later with the same sequence number: dated afresh, not as the old entry
     assert _live(listing, [_entry("a", 5, wall + 20)], 21.0, wall + 20) == (["a"], [])
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/moe-registry-pwned",))
+
+
+def test_a_value_that_is_not_an_entry_is_skipped_never_unpickled(tmp_path):
+    """A pickle (whose unpickling would run a command), garbage and an entry of another shape
+    are each ignored; the real entry beside them is listed."""
+    listing, wall = RankListing(), 1000.0
+    entries = [
+        (b"pickle", pickle.dumps(_Boom())),
+        (b"garbage", os.urandom(64)),
+        (b"shape", encode_entry(RankEntry(1, wall, _rank("x")))[:-3]),
+        _entry("a", 1, wall),
+    ]
+    assert _live(listing, entries, 0.0, wall) == (["a"], [])
+    assert not os.path.exists("/tmp/moe-registry-pwned")

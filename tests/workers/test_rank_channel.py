@@ -15,10 +15,12 @@ from router.lifecycle import RequestFailed, RequestState, run_request
 from workers.engine import EngineConfig, SamplingParams
 from workers.engine.build import build_engine
 from workers.rank import GangMember, start_rank
+from workers.wire import WireKey
 
 WAIT_S = 60
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 PROMPTS = [[5, 6, 7, 8], [40] * 13, [3, 1, 4, 1, 5, 9, 2, 6]]
+KEY = WireKey.generate()
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def offline(ckpt):
 def _rank(ckpt, stage: str, name: str):
     member = GangMember(stage, f"{stage}-gang-{name}", 0, 1, name)
     engine = build_engine(ckpt, config=EngineConfig(block_size=4))
-    return start_rank(None, member, host="127.0.0.1", engine=engine)
+    return start_rank(None, member, host="127.0.0.1", wire_key=KEY, engine=engine)
 
 
 @pytest.fixture
@@ -54,7 +56,7 @@ async def _directory(ranks) -> RankDirectory:
     async def listed():
         return [r.address for r in ranks.values() if r.rank.failed is None]
 
-    d = RankDirectory(listed, "router-test", block_size=4, rank_timeout_s=5)
+    d = RankDirectory(listed, "router-test", KEY, block_size=4, rank_timeout_s=5)
     await d.refresh()
     return d
 
@@ -147,7 +149,7 @@ def test_a_rank_missing_from_one_listing_keeps_its_channel(ranks, offline):
         async def listed():
             return [r.address for r in shown.values()]
 
-        d = RankDirectory(listed, "router-test", block_size=4, rank_timeout_s=5)
+        d = RankDirectory(listed, "router-test", KEY, block_size=4, rank_timeout_s=5)
         await d.refresh()
         before = dict(d.channels)
         del shown["d0"], shown["d1"]  # only the prefill rank listed for one poll

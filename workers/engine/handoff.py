@@ -3,7 +3,8 @@
 A prefill rank runs the prompt, samples the first token and exports the prompt's cache entries;
 a decode rank imports them into its own blocks and continues from the first token. For MLA the
 entries are the compressed latent + rope key, so the handoff is small. Everything in it is plain
-CPU data so it can travel through the Ray object store (or, later, a GPU-direct transport).
+CPU data; across processes it travels as a `KVPayload` (`workers/wire/kv.py`), checked against
+the receiver's `KVLayout`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from workers.engine.params import SamplingParams
 
-__all__ = ["KVHandoff"]
+__all__ = ["KVHandoff", "KVLayout"]
 
 
 @dataclass(frozen=True)
@@ -31,3 +32,30 @@ class KVHandoff:
     @property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv)
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What a rank's KV cache entries look like: a handoff it imports must match."""
+
+    num_layers: int
+    token_shape: tuple[int, ...]  # one layer's entry for one token
+    dtype: torch.dtype
+    max_tokens: int  # the longest prompt the rank takes
+
+    @property
+    def token_bytes(self) -> int:
+        """One token's entries over all layers, in bytes."""
+        n = self.num_layers * self.dtype.itemsize
+        for d in self.token_shape:
+            n *= d
+        return n
+
+    @classmethod
+    def of(cls, engine) -> KVLayout:  # an Engine (not imported: engine.py imports this file)
+        return cls(
+            engine.model.num_layers,
+            tuple(engine.model.kv_token_shape),
+            engine.dtype,
+            engine.limits.max_model_len,
+        )

@@ -17,6 +17,7 @@ from workers.rank.core_turn import CoreTurn
 from workers.rank.openmp import release_thread_pool
 from workers.rank.rank import GangMember, Rank
 from workers.rank.transport import KVStore, PeerKVTransport
+from workers.wire import WireKey
 
 __all__ = ["ServingRank", "start_rank", "turn_pinning"]
 
@@ -48,6 +49,7 @@ def start_rank(
     member: GangMember,
     *,
     host: str,
+    wire_key: WireKey,
     init_method: str | None = None,
     dtype: str = "float32",
     engine_config: EngineConfig | None = None,
@@ -63,12 +65,13 @@ def start_rank(
     """A gang member (`init_method` given: joins the torch.distributed group, loads only its
     experts, steps in lockstep) or a lone rank over `engine` / a full `build_engine`.
     `core_turn`: the name of the turn at the node's cores its gang steps under (`CoreTurn`).
-    `niceness`: this process's threads run at it (`set_niceness`; None: left as they are)."""
+    `niceness`: this process's threads run at it (`set_niceness`; None: left as they are).
+    `wire_key`: the cluster's rank-wire key; every connection to the rank's port proves it."""
     if niceness is not None:  # first: the threads started below inherit it
         set_niceness(niceness)
     sock = listen_socket(host)
     port = sock.getsockname()[1]
-    transport = PeerKVTransport(KVStore(kv_ttl_s), host, port, member.replica_id)
+    transport = PeerKVTransport(KVStore(kv_ttl_s), host, port, member.replica_id, wire_key)
     store = transport.store
     # the gang's rank 0 takes the node's turn; its peers wait for it at the first collective,
     # so it never waits for the turn near their collective timeout (a frozen holder)
@@ -116,7 +119,7 @@ def start_rank(
         rank = Rank(
             engine, member, put_kv=transport.put, end_session_kv=store.release_session, turn=turn
         )
-    channel = ChannelServer(rank, transport, sock).start()
+    channel = ChannelServer(rank, transport, sock, wire_key).start()
     release_thread_pool()  # the loop thread's OpenMP pool the only one left (see openmp.py)
     rank.start()
     address = RankAddress(

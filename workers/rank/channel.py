@@ -8,18 +8,23 @@ A closed session (its router died or went away) aborts every request it submitte
 the KV handoffs made for it. A decode `Submit` that names a `KVRef` pulls the KV from its owner
 first (here, off the engine thread); if the owner is gone the rank recomputes the prompt.
 KV pulls from decode ranks arrive on the same port (`Hello("kv:...")`, then `Fetch`).
+
+Every connection authenticates first (`workers/wire`): a peer that cannot prove it holds the
+cluster's wire key, or that later sends a frame that is oversized, forged, replayed or not one of
+ours, is disconnected with one warning naming its address; nothing else changes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import socket
 import threading
 
-from workers.engine.handoff import KVHandoff
+from workers.engine.handoff import KVHandoff, KVLayout
 from workers.messages import (
     PROTOCOL,
     Abort,
@@ -35,12 +40,22 @@ from workers.messages import (
 )
 from workers.rank.rank import Rank
 from workers.rank.transport import PeerKVTransport
-from workers.wire import ChannelClosed, encode, read_frame, write_frame
+from workers.wire import (
+    HANDSHAKE_TIMEOUT_S,
+    ChannelClosed,
+    WireError,
+    WireKey,
+    WireStream,
+    accept,
+    peer_name,
+)
+from workers.wire.kv import to_payload
 
-__all__ = ["HEARTBEAT_S", "ChannelServer", "listen_socket"]
+__all__ = ["HEARTBEAT_S", "MAX_HANDSHAKES", "ChannelServer", "listen_socket"]
 
 log = logging.getLogger("moe_cluster.rank")
 HEARTBEAT_S = 0.25
+MAX_HANDSHAKES = 64  # connections proving themselves at once; more are closed unanswered
 
 
 def listen_socket(host: str, port: int = 0) -> socket.socket:
@@ -51,13 +66,18 @@ def listen_socket(host: str, port: int = 0) -> socket.socket:
 
 
 class ChannelServer:
-    def __init__(self, rank: Rank, transport: PeerKVTransport, sock: socket.socket) -> None:
+    def __init__(
+        self, rank: Rank, transport: PeerKVTransport, sock: socket.socket, key: WireKey
+    ) -> None:
         """`sock`: bound by `listen_socket` (the port is known before the rank starts, so the
-        KV transport can name it in the refs it hands out)."""
+        KV transport can name it in the refs it hands out). `key`: the cluster's wire key."""
         self.rank, self.transport, self.store = rank, transport, transport.store
         self._sock = sock
+        self.port: int = sock.getsockname()[1]
+        self._key = key
         self._loop = asyncio.new_event_loop()
-        self._sessions: dict[str, asyncio.StreamWriter] = {}
+        self._sessions: dict[str, WireStream] = {}
+        self._handshakes = 0
         self._admitted: dict[str, int] = {}
         self._status_sent: dict[str, float] = {}
         self._pending_kv: dict[str, bool] = {}  # request id -> cancelled while its KV is pulled
@@ -115,16 +135,16 @@ class ChannelServer:
     def _publish(
         self, by_session: dict[str, list[Delta]], load: RankLoad, admitted: dict[str, int]
     ) -> None:
-        for session, writer in list(self._sessions.items()):
+        for session, stream in list(self._sessions.items()):
             deltas = by_session.get(session, [])
             n = admitted.get(session, 0)
             if deltas or n != self._admitted.get(session):
                 self._admitted[session] = n
-                self._send(session, writer, StepReport(load, n, deltas))
+                self._send(session, stream, StepReport(load, n, deltas))
 
-    def _send(self, session: str, writer: asyncio.StreamWriter, report: StepReport) -> None:
+    def _send(self, session: str, stream: WireStream, report: StepReport) -> None:
         try:
-            writer.write(encode(report))
+            stream.send(report)
         except (ConnectionError, RuntimeError):
             self._sessions.pop(session, None)
 
@@ -132,13 +152,13 @@ class ChannelServer:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             snap = self.rank.snapshot
-            for session, writer in list(self._sessions.items()):
+            for session, stream in list(self._sessions.items()):
                 status = None
                 if snap.status is not None and self._status_sent.get(session) != snap.status.time_s:
                     status = snap.status
                     self._status_sent[session] = snap.status.time_s
                 n = self._admitted.get(session, 0)
-                self._send(session, writer, StepReport(snap.load, n, [], status))
+                self._send(session, stream, StepReport(snap.load, n, [], status))
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # a top-level handler: cancelled only when the server shuts down, and asyncio's stream
@@ -146,25 +166,52 @@ class ChannelServer:
         with contextlib.suppress(asyncio.CancelledError):
             await self._session(reader, writer)
 
-    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _refuse(self, peer: str, why: object) -> None:
+        log.warning("rank port %s closed the connection from %s: %s", self.port, peer, why)
+
+    async def _authenticate(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[WireStream, Hello] | None:
+        """The connection's stream and Hello once its peer proved it holds the key; None
+        (connection closed, one line logged for a peer that is not ours) otherwise."""
+        peer = peer_name(writer)
+        if self._handshakes >= MAX_HANDSHAKES:
+            self._refuse(peer, f"{MAX_HANDSHAKES} connections already authenticating")
+            writer.close()
+            return None
+        self._handshakes += 1
         try:
-            hello = await asyncio.wait_for(read_frame(reader), 10)
-        except (TimeoutError, ChannelClosed):
+            stream = await accept(reader, writer, self._key)
+            hello = await asyncio.wait_for(stream.recv(), HANDSHAKE_TIMEOUT_S)
+        except WireError as e:
+            self._refuse(peer, e)
             writer.close()
-            return
+            return None
+        except (ChannelClosed, TimeoutError):
+            writer.close()
+            return None
+        finally:
+            self._handshakes -= 1
         if not isinstance(hello, Hello) or hello.protocol != PROTOCOL:
-            log.warning("refused a channel that did not say Hello with protocol %s", PROTOCOL)
+            self._refuse(peer, f"its first message was not Hello with protocol {PROTOCOL}")
             writer.close()
+            return None
+        return stream, hello
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        opened = await self._authenticate(reader, writer)
+        if opened is None:
             return
+        stream, hello = opened
         if hello.peer_id.startswith("kv:"):
-            await self._kv_peer(reader, writer)
+            await self._kv_peer(stream)
             return
         session = f"{hello.peer_id}#{next(self._ids)}"
-        self._sessions[session] = writer
+        self._sessions[session] = stream
         self._admitted[session] = 0
         try:
             while True:
-                msg = await read_frame(reader)
+                msg = await stream.recv()
                 if isinstance(msg, Submit):
                     if msg.kv is not None:
                         self._pending_kv[msg.request_id] = False
@@ -179,6 +226,8 @@ class ChannelServer:
                     self.store.release(msg.key)
                 elif isinstance(msg, DrainRank):
                     self.rank.drain(msg.grace_s)
+        except WireError as e:
+            self._refuse(stream.peer, e)
         except ChannelClosed:
             pass
         finally:
@@ -186,11 +235,16 @@ class ChannelServer:
             self._admitted.pop(session, None)
             self._status_sent.pop(session, None)
             self.rank.end_session(session)
-            writer.close()
+            stream.close()
+
+    @functools.cached_property
+    def kv_layout(self) -> KVLayout:
+        """What a handoff this rank imports must look like."""
+        return KVLayout.of(self.rank.engine)
 
     async def _pull_then_submit(self, session: str, msg: Submit) -> None:
         assert msg.kv is not None
-        handoff = await self.transport.get(msg.kv)
+        handoff = await self.transport.get(msg.kv, self.kv_layout)
         cancelled = self._pending_kv.pop(msg.request_id, False)
         if cancelled or session not in self._sessions:
             return
@@ -199,14 +253,18 @@ class ChannelServer:
             kv = handoff.kv
         self.rank.submit(session, msg, kv)
 
-    async def _kv_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _kv_peer(self, stream: WireStream) -> None:
         try:
             while True:
-                msg = await read_frame(reader)
+                msg = await stream.recv()
                 if isinstance(msg, Fetch):
-                    write_frame(writer, KVData(msg.key, self.store.take(msg.key)))
-                    await writer.drain()
+                    handoff = self.store.take(msg.key)
+                    payload = None if handoff is None else to_payload(handoff)
+                    stream.send(KVData(msg.key, payload))
+                    await stream.drain()
+        except WireError as e:
+            self._refuse(stream.peer, e)
         except (ChannelClosed, ConnectionError):
             pass
         finally:
-            writer.close()
+            stream.close()

@@ -8,7 +8,8 @@ the import), when the router's channel that produced it closes, or after `ttl_s`
 resort.
 
 `PeerKVTransport`, the CPU/cross-node implementation: the owner keeps the KV in its own memory
-and the decode rank pulls it over one TCP connection to the owner's channel port (`Fetch`). Why
+and the decode rank pulls it over one authenticated connection to the owner's channel port
+(`Fetch`; `workers/wire`), checking what arrives against its own KV layout before importing it. Why
 not the Ray object store: an `ObjectRef` handed through a non-Ray channel is either pinned until
 its owner dies (out-of-band serialization) or freed under the reader (wave 1's
 `ReferenceCountingAssertionError`). A GPU-direct transport (NCCL/NIXL) fits the same three calls.
@@ -18,21 +19,26 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from typing import Protocol
 
-from workers.engine.handoff import KVHandoff
+from workers.engine.handoff import KVHandoff, KVLayout
 from workers.messages import Fetch, Hello, KVData, KVRef
-from workers.wire import read_frame, write_frame
+from workers.wire import MAX_FRAME_BYTES, WireError, WireKey, connect
+from workers.wire.kv import from_payload
 
 __all__ = ["KVStore", "KVTransport", "PeerKVTransport"]
+
+log = logging.getLogger("moe_cluster.rank")
+KV_FRAME_SLACK_BYTES = 1 << 20  # a KVData frame's fields around its tensors' bytes
 
 
 class KVTransport(Protocol):
     def put(self, handoff: KVHandoff, session: str) -> KVRef: ...
 
-    async def get(self, ref: KVRef) -> KVHandoff | None: ...
+    async def get(self, ref: KVRef, layout: KVLayout) -> KVHandoff | None: ...
 
     def release(self, key: str) -> None: ...
 
@@ -85,33 +91,41 @@ class KVStore:
 class PeerKVTransport:
     """KV kept by its owner and pulled by the decode rank over the owner's channel port."""
 
-    def __init__(self, store: KVStore, host: str, port: int, peer_id: str) -> None:
+    def __init__(self, store: KVStore, host: str, port: int, peer_id: str, key: WireKey) -> None:
         self.store, self.host, self.port, self.peer_id = store, host, port, peer_id
+        self._key = key
 
     def put(self, handoff: KVHandoff, session: str) -> KVRef:
         key = self.store.put(handoff, session)
         return KVRef(self.host, self.port, key, handoff.num_bytes)
 
-    async def get(self, ref: KVRef, timeout_s: float = 30.0) -> KVHandoff | None:
-        """The handoff, or None when its owner is gone or no longer has it (the decode rank
-        then recomputes the prompt)."""
+    async def get(self, ref: KVRef, layout: KVLayout, timeout_s: float = 30.0) -> KVHandoff | None:
+        """The handoff, checked against `layout`; None when its owner is gone, no longer has
+        it, or sent something else (the decode rank then recomputes the prompt)."""
         if (ref.owner_host, ref.owner_port) == (self.host, self.port):
             return self.store.take(ref.key)
+        limit = min(MAX_FRAME_BYTES, layout.token_bytes * layout.max_tokens + KV_FRAME_SLACK_BYTES)
+        owner = f"{ref.owner_host}:{ref.owner_port}"
         try:
             async with asyncio.timeout(timeout_s):
-                reader, writer = await asyncio.open_connection(ref.owner_host, ref.owner_port)
+                stream = await connect(
+                    ref.owner_host, ref.owner_port, self._key, max_frame_bytes=limit
+                )
                 try:
-                    write_frame(writer, Hello(f"kv:{self.peer_id}"))
-                    write_frame(writer, Fetch(ref.key))
-                    await writer.drain()
-                    reply = await read_frame(reader)
+                    stream.send(Hello(f"kv:{self.peer_id}"))
+                    stream.send(Fetch(ref.key))
+                    await stream.drain()
+                    reply = await stream.recv()
                 finally:
-                    writer.close()
+                    stream.close()
+            if not isinstance(reply, KVData) or reply.handoff is None:
+                return None
+            return from_payload(reply.handoff, layout)
+        except WireError as e:
+            log.warning("KV pull from %s refused, recomputing the prompt: %s", owner, e)
+            return None
         except (TimeoutError, OSError):
             return None
-        if not isinstance(reply, KVData) or not isinstance(reply.handoff, KVHandoff):
-            return None
-        return reply.handoff
 
     def release(self, key: str) -> None:
         self.store.release(key)
