@@ -11,6 +11,8 @@ ranks, tiny DeepSeek-V3 (4k context), auth off.
 - a cancel storm: every rank back to 0 KV blocks and 0 requests within 2 s;
 - degenerate sampling values: no rank restarts (same replica PIDs before and after);
 - a 5 MB prompt is refused before any work and does not stall another stream;
+- attacks on every rank's port while streams run (tests/attacks.py): nothing changes but one
+  log line each;
 - GetClusterStatus answers after each fault.
 """
 
@@ -23,17 +25,23 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import ray
 from ray._private import state as ray_state
 
+from cluster.app import APP_NAME
 from cluster.launch import deploy, undeploy
 from cluster.net import free_port
+from cluster.registry import RankListing, list_ranks
 from cluster.tiny import make_tiny
+from cluster.wire_key import wire_key
 from router.client import ClientError, InferenceClient
 from router.proto import inference_pb2 as pb
+from tests.attacks import ATTACKS, attack
 from tests.cluster.shapes import two_stage_config
 from workers.engine import SamplingParams
 from workers.engine.build import build_engine
@@ -213,6 +221,43 @@ def test_killed_decode_rank_loses_no_stream(client, target, model_dir):
     assert streams.errors == [None] * 8
     assert streams.tokens == ref
     _wait(client, _healthy_and_idle, "the decode gang back and every rank idle")
+
+
+def _ray_log_lines() -> list[str]:
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    lines: list[str] = []
+    for f in logs.rglob("*"):
+        if f.is_file() and f.suffix in (".err", ".out", ".log"):
+            lines += f.read_text(errors="replace").splitlines()
+    return lines
+
+
+def test_attacks_on_rank_ports_change_nothing(client, target, model_dir, tmp_path):
+    """The issue's attack, on the served cluster: while 8 greedy streams decode, every attack of
+    tests/attacks.py (a crafted pickle, garbage, an oversized length, our handshake without the
+    key, a recorded KV pull replayed) on every rank's port. Nothing runs, no rank restarts,
+    every stream is exact, and the logs have one line per attempt naming its address."""
+    streams, ref, _ = _decoding(target, client, model_dir, 8, seed=5)
+    before = _replica_pids()
+    marker = tmp_path / "pwned"
+    key = wire_key(APP_NAME)  # this process holds Ray's token, as every node of the cluster
+    ranks = list_ranks(APP_NAME, RankListing())
+    assert len(ranks) == 6
+    attempts = [attack(name, a.host, a.port, key, marker) for a in ranks for name in ATTACKS]
+    streams.join()
+    assert not marker.exists()
+    assert streams.errors == [None] * 8 and streams.tokens == ref
+    assert _replica_pids() == before
+    deadline = time.monotonic() + 30
+    while True:  # the ranks' stderr reaches the log files a moment later
+        lines = _ray_log_lines()
+        found = {a: [x for x in lines if f"from {a}:" in x] for a, _ in attempts}
+        if all(len(v) == 1 for v in found.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)  # polling log files, bounded by the deadline
+    for address, why in attempts:
+        assert len(found[address]) == 1 and why in found[address][0], (address, found[address])
+    _wait(client, _healthy_and_idle, "every rank idle")
 
 
 def test_frozen_decode_rank_is_detected_and_loses_no_stream(client, target, model_dir):

@@ -12,6 +12,7 @@ import pytest
 
 from router.channels import RankDirectory
 from router.lifecycle import RequestFailed, RequestState, run_request
+from tests.attacks import ATTACKS, attack
 from workers.engine import EngineConfig, SamplingParams
 from workers.engine.build import build_engine
 from workers.rank import GangMember, start_rank
@@ -231,3 +232,54 @@ def test_beyond_max_migrations_the_request_is_unavailable(ranks):
 
     err = asyncio.run(asyncio.wait_for(main(), WAIT_S))
     assert err.status == "UNAVAILABLE" and "router.max_migrations (0)" in str(err)
+
+
+LONG = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
+
+
+def test_attacks_on_live_rank_ports_change_nothing(ranks, ckpt, caplog, tmp_path):
+    """While streams run, every attack of tests/attacks.py on every rank's port (router
+    sessions and KV pulls share it): each connection is closed with one warning naming its
+    address; nothing runs, no rank fails, every stream is exact and no handoff is lost."""
+    reference = build_engine(ckpt).generate([(p, LONG) for p in PROMPTS])
+    marker = tmp_path / "pwned"
+    attempts: list[tuple[str, str]] = []
+
+    def attack_every_port() -> None:
+        for r in ranks.values():
+            for name in ATTACKS:
+                attempts.append(attack(name, "127.0.0.1", r.address.port, KEY, marker))
+
+    async def main():
+        d = await _directory(ranks)
+        started = asyncio.Event()
+
+        async def on_delta(delta, deltas):
+            started.set()
+
+        try:
+            streams = [
+                asyncio.create_task(_run(d, f"a{i}", p, LONG, on_delta))
+                for i, p in enumerate(PROMPTS)
+            ]
+            await started.wait()
+            await asyncio.to_thread(attack_every_port)
+            assert not any(t.done() for t in streams), "the attacks ran while streams ran"
+            return await asyncio.gather(*streams)
+        finally:
+            d.close()
+
+    with caplog.at_level("WARNING", logger="moe_cluster.rank"):
+        results = asyncio.run(asyncio.wait_for(main(), WAIT_S))
+    assert not marker.exists()
+    assert all(r.rank.failed is None for r in ranks.values())
+    for (state, deltas), ref in zip(results, reference, strict=True):
+        assert [t for x in deltas for t in x.token_ids] == ref.token_ids
+        assert state.migrations == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "moe_cluster.rank"]
+    assert len(attempts) == len(ranks) * len(ATTACKS)
+    for address, why in attempts:
+        mine = [line for line in lines if f"from {address}:" in line]
+        assert len(mine) == 1 and why in mine[0], (address, why, mine)
+    assert len(lines) == len(attempts)  # nothing else complained
+    asyncio.run(_until(lambda: _idle(ranks), "KV and handoffs back to 0"))
