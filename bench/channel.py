@@ -2,10 +2,10 @@
 
 A `ChannelServer` (the rank's end: encoding, framing with a MAC, one `StepReport` per step per
 router) publishes steps of S streams, one token each, to a `RankChannel` (the router's end:
-reading, checking the MAC, decoding, fanning each delta out to its request's queue, a consumer per request) over real
-TCP on loopback, in one process, so `time.process_time()` sums both ends. The rank's engine is
-left out on purpose (this measures the hop, not the model): the channel server is given a
-stand-in with the attributes it reads.
+reading, checking the MAC, decoding, fanning each delta out to its request's queue, a consumer
+per request) over real TCP on loopback, in one process, so `time.process_time()` sums both ends.
+The rank's engine is left out on purpose (this measures the hop, not the model): the channel
+server is given a stand-in with the attributes it reads.
 
     .venv/bin/python -m bench.channel                 # --streams 1,8,32,128 --steps 2000
 """

@@ -19,6 +19,12 @@ KubeRay manifests (tests/deploy checks they agree); an operator's value in the e
   Router, Serve's controller and proxy) outranks computing ranks on shared cores: a waking
   Router answers at once instead of competing with a rank's step at equal weight. Needed on
   every node that runs a Router or a rank (the KubeRay manifests set it on head and workers).
+
+Ray's token authentication is on for the embedded Ray (`RAY_AUTH_MODE=token` unless the
+environment says otherwise; Ray makes ~/.ray/auth_token when there is none) and for a cluster
+joined with `join_ray` whenever a token is at hand (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or
+~/.ray/auth_token): a driver joining by address does not turn it on by itself, and its workers
+then fail to join. The rank wire's key derives from the same token (cluster/wire_key.py).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["RAY_ENV", "start_embedded_ray"]
+__all__ = ["RAY_ENV", "join_ray", "start_embedded_ray"]
+
+AUTH_MODE = "RAY_AUTH_MODE"
 
 RAY_ENV: dict[str, str] = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_worker_niceness": "0"}
 
@@ -37,5 +45,43 @@ def start_embedded_ray(**kwargs: Any) -> None:
 
     for name, value in RAY_ENV.items():  # Ray's processes inherit this process's environment
         os.environ.setdefault(name, value)
+    if AUTH_MODE not in os.environ:
+        _token_auth_on()
     kwargs.setdefault("log_to_driver", False)
     ray.init(address="local", **kwargs)
+
+
+def join_ray(address: str) -> None:
+    """`ray.init(address)` of a running cluster, with Ray's token auth on when a token is at
+    hand and RAY_AUTH_MODE does not say otherwise. RuntimeError with what to set when the
+    cluster wants a token this process lacks."""
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    if AUTH_MODE not in os.environ:
+        try:
+            from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]
+
+            if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+                _token_auth_on()
+        except ImportError:  # a Ray without token auth
+            pass
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except AuthenticationError:
+        raise RuntimeError(
+            f"the Ray cluster at {address} requires Ray's auth token: set RAY_AUTH_MODE=token "
+            "and the cluster's token in RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or "
+            "~/.ray/auth_token)"
+        ) from None
+
+
+def _token_auth_on() -> None:
+    """RAY_AUTH_MODE=token for this process and the Ray processes it starts."""
+    os.environ[AUTH_MODE] = "token"
+    try:  # Ray caches its config at import: read the environment again
+        from ray._raylet import Config  # type: ignore[attr-defined]
+
+        Config.initialize("")
+    except ImportError:
+        pass

@@ -8,9 +8,10 @@
 
 Keys live in the `moe-cluster` namespace under `<app>/gang/<gang id>` and
 `<app>/rank/<replica id>`; values are msgpack in `RankEntry`'s schema (decoded into that type
-alone: nothing read from GCS is unpickled). A GCS call that fails raises; the periodic callers keep trying. Each call is
-one GCS RPC: no Python process of ours on the path (a registry actor cost 2-2.5% of a core while
-idle on a 2-core VM, from its own core worker and task execution alone).
+alone: nothing read from GCS is unpickled). A GCS call that fails raises; the periodic callers
+keep trying. Each call is one GCS RPC: no Python process of ours on the path (a registry actor
+cost 2-2.5% of a core while idle on a 2-core VM, from its own core worker and task execution
+alone).
 """
 
 from __future__ import annotations

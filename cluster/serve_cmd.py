@@ -70,7 +70,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
     import ray
 
-    from cluster.embedded import start_embedded_ray
+    from cluster.embedded import join_ray, start_embedded_ray
     from cluster.launch import DeployError, deploy, head_node_ip, undeploy
 
     def stop(signum: int, frame: Any) -> None:
@@ -80,7 +80,11 @@ def serve_command(args: argparse.Namespace) -> int:
     if embedded:
         start_embedded_ray()
     else:
-        ray.init(address=args.address, log_to_driver=False)
+        try:
+            join_ray(args.address)
+        except RuntimeError as e:
+            print(f"moe-cluster serve: error: --address: {e}", file=sys.stderr)
+            return 2
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     code = 0

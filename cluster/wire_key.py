@@ -35,7 +35,7 @@ def ray_token_auth() -> bool:
 
 
 def _ray_token() -> bytes:
-    from ray._raylet import AuthenticationTokenLoader
+    from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]
 
     token = AuthenticationTokenLoader.instance().get_raw_token()
     if not token:

@@ -1,7 +1,8 @@
 """Scaling a running cluster in whole gangs with `serve deploy` of an updated config (what a
 RayService update and the Ray dashboard's config do), while streams are in flight.
 
-A local Ray cluster is started with `ray start --head` (dashboard on, for Serve's REST API);
+A local Ray cluster is started with `ray start --head` (dashboard on, for Serve's REST API;
+Ray's token auth on);
 the decode deployment goes 1 gang -> 2 gangs -> 1 gang through `deployments[].num_replicas`
 (a lightweight update: no other replica restarts). Every stream started before or between the
 changes must finish with the offline engine's tokens. Two Router replicas serve the same
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -27,12 +29,14 @@ import pytest
 import ray
 import yaml
 from ray import serve
+from ray._private.authentication_test_utils import reset_auth_token_state
 
 from cluster.app import APP_NAME
-from cluster.embedded import RAY_ENV
+from cluster.embedded import RAY_ENV, join_ray
 from cluster.launch import wait_running
 from cluster.net import free_port
 from cluster.tiny import make_tiny
+from cluster.wire_key import ray_token_auth
 from router.client import InferenceClient
 from workers.engine import SamplingParams
 from workers.engine.build import build_engine
@@ -49,9 +53,13 @@ def ray_cluster():
     a driver. Stopped by signalling that process group, never `ray stop` (every Ray here)."""
     gcs, dashboard = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit
-    # RAY_ENV as on a KubeRay head; token auth off for this throwaway local cluster: `ray start`
-    # enables it by default, while a driver connecting by address here does not send the token
-    env = {**RAY_ENV, **os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    # RAY_ENV as on a KubeRay head, token auth on as KubeRay's authOptions set it: the mode and
+    # the token in the environment of every Ray process, this driver's and `serve deploy`'s too
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    saved = {k: os.environ.get(k) for k in token}
+    os.environ.update(token)
+    reset_auth_token_state()
+    env = {**RAY_ENV, **os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     log = open(Path(temp) / "ray-start.log", "w+")  # noqa: SIM115 (closed in the finally)
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
@@ -61,13 +69,20 @@ def ray_cluster():
     )  # fmt: skip
     try:
         _wait_head_started(head, Path(log.name), timeout_s=180)
-        ray.init(address=f"127.0.0.1:{gcs}", log_to_driver=False)
+        join_ray(f"127.0.0.1:{gcs}")
+        assert ray_token_auth()
         yield f"http://127.0.0.1:{dashboard}"
     finally:
         ray.shutdown()
         _stop_group(head)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reset_auth_token_state()
 
 
 def _wait_head_started(head: subprocess.Popen, log: Path, timeout_s: float) -> None:
