@@ -446,6 +446,59 @@ def test_metrics_service_selects_every_ray_pod(path: Path) -> None:
         assert svc["selector"].items() <= group["template"]["metadata"]["labels"].items(), name
 
 
+# ---- who may reach what (docs/security.md) ----
+
+RAY_TOKEN_SECRET = "moe-cluster-ray-token"
+CLIENT_PORTS = {"grpc", "serve"}  # behind router.auth_tokens
+
+
+@pytest.mark.parametrize("path", [CPU_SHAPE, GPU_SHAPE], ids=lambda p: p.name)
+def test_ray_token_auth_is_on_with_a_secret_the_header_says_how_to_make(path: Path) -> None:
+    service = _ray_service(path)
+    auth = service["spec"]["rayClusterConfig"]["authOptions"]
+    assert auth == {"mode": "token", "secretName": RAY_TOKEN_SECRET}
+    # the Secret is the operator's (never a token committed here): the header makes it
+    assert f"kubectl create secret generic {RAY_TOKEN_SECRET} --from-literal=auth_token=" in (
+        path.read_text()
+    )
+    assert not [d for _, d in _documents() if d["kind"] == "Secret"], "no committed secrets"
+
+
+def _policy() -> dict[str, Any]:
+    (doc,) = [d for _, d in _documents() if d["kind"] == "NetworkPolicy"]
+    return doc["spec"]
+
+
+@pytest.mark.parametrize("path", [CPU_SHAPE, GPU_SHAPE], ids=lambda p: p.name)
+def test_network_policy_fences_everything_but_the_apis(path: Path) -> None:
+    """Every Ray pod is selected; its own pods reach every port (Ray, torch.distributed, the
+    rank wire); anyone else reaches only named ports: clients the APIs, Prometheus the metrics,
+    the KubeRay operator the dashboard, each a port the head or worker containers name."""
+    policy = _policy()
+    assert policy["policyTypes"] == ["Ingress"]
+    selector = policy["podSelector"]["matchLabels"]
+    groups = _groups(_ray_service(path))
+    for name, group in groups:
+        assert selector.items() <= group["template"]["metadata"]["labels"].items(), name
+    named = {p["name"] for _, g in groups for p in g["template"]["spec"]["containers"][0]["ports"]}
+    own = [
+        r for r in policy["ingress"] if r.get("from") == [{"podSelector": policy["podSelector"]}]
+    ]
+    assert len(own) == 1 and "ports" not in own[0], "the cluster's own pods: every port"
+    others = [r for r in policy["ingress"] if r not in own]
+    for rule in others:
+        ports = {p["port"] for p in rule["ports"]}
+        assert ports <= named, f"a port no container names: {ports - named}"
+        if "from" not in rule:  # anyone: the APIs only
+            assert ports == CLIENT_PORTS
+        else:
+            assert not ports & CLIENT_PORTS or ports <= CLIENT_PORTS
+            assert all("podSelector" in f or "namespaceSelector" in f for f in rule["from"])
+    reached = {p["port"] for r in others for p in r["ports"]}
+    assert reached == CLIENT_PORTS | {"metrics", "dashboard"}
+    assert "gcs-server" not in reached and "client" not in reached
+
+
 # ---- kustomizations ----
 
 
@@ -472,9 +525,9 @@ def _resources(kdir: Path) -> set[Path]:
 
 def test_kustomizations_resolve_to_the_two_shapes() -> None:
     cpu, gpu = _resources(K8S), _resources(K8S / "gpu")
-    service = K8S / "service" / "service.yaml"
-    assert cpu == {CPU_SHAPE, service}
-    assert gpu == {GPU_SHAPE, K8S / "gpu" / "weights.yaml", service}
+    shared = {K8S / "service" / "service.yaml", K8S / "service" / "network-policy.yaml"}
+    assert cpu == {CPU_SHAPE, *shared}
+    assert gpu == {GPU_SHAPE, K8S / "gpu" / "weights.yaml", *shared}
     orphans = {p for p, _ in _documents()} - cpu - gpu
     assert not orphans, f"manifests no kustomization applies: {sorted(map(_rel, orphans))}"
 
@@ -527,12 +580,21 @@ def test_dashboard_metrics_are_defined_in_the_code() -> None:
 @pytest.mark.parametrize(
     ("folder", "want"),
     [
-        ("", {"Service/moe-cluster-grpc", "Service/moe-cluster-metrics", "RayService/moe-cluster"}),
+        (
+            "",
+            {
+                "Service/moe-cluster-grpc",
+                "Service/moe-cluster-metrics",
+                "NetworkPolicy/moe-cluster",
+                "RayService/moe-cluster",
+            },
+        ),
         (
             "gpu",
             {
                 "Service/moe-cluster-grpc",
                 "Service/moe-cluster-metrics",
+                "NetworkPolicy/moe-cluster",
                 "RayService/moe-cluster",
                 "PersistentVolumeClaim/moe-weights",
                 "Job/moe-weights-download",
