@@ -209,6 +209,7 @@ class RankDirectory:
         self.cache_aware = cache_aware  # False: prefill by queued tokens alone
         self.channels: dict[str, RankChannel] = {}
         self._lost: set[str] = set()  # replica ids whose channel broke: never reconnected
+        self._refused: set[str] = set()  # replica ids that failed authentication (logged once)
         self._changed = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -240,6 +241,11 @@ class RankDirectory:
             ch.on_lost = self._on_lost
             try:
                 await ch.connect()
+            except WireError as e:  # not this cluster's key: said once, retried quietly
+                if key not in self._refused:
+                    self._refused.add(key)
+                    log.warning("cannot authenticate with %s rank %s: %s", address.stage, key, e)
+                continue
             except (OSError, TimeoutError) as e:
                 log.warning("cannot reach %s rank %s: %r", address.stage, key, e)
                 continue

@@ -283,3 +283,27 @@ def test_attacks_on_live_rank_ports_change_nothing(ranks, ckpt, caplog, tmp_path
         assert len(mine) == 1 and why in mine[0], (address, why, mine)
     assert len(lines) == len(attempts)  # nothing else complained
     asyncio.run(_until(lambda: _idle(ranks), "KV and handoffs back to 0"))
+
+
+def test_a_router_without_the_key_gets_no_channel_and_says_so_once(ranks, caplog):
+    async def main():
+        async def listed():
+            return [ranks["d0"].address]
+
+        d = RankDirectory(listed, "router-elsewhere", WireKey.generate(), rank_timeout_s=5)
+        await d.refresh()
+        await d.refresh()
+        return dict(d.channels)
+
+    def lines(logger: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == logger]
+
+    with caplog.at_level("WARNING"):
+        channels = asyncio.run(asyncio.wait_for(main(), WAIT_S))
+        # the rank notices each refused dialer leave on its own thread
+        asyncio.run(_until(lambda: len(lines("moe_cluster.rank")) >= 2, "two lines"))
+    assert channels == {}
+    router = lines("moe_cluster.router")
+    assert len(router) == 1 and "cannot authenticate with decode rank d0" in router[0]
+    rank = lines("moe_cluster.rank")
+    assert len(rank) == 2 and all("without proving it holds the key" in x for x in rank)
