@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 import pytest
 
@@ -16,6 +17,7 @@ from tests.attacks import ATTACKS, attack
 from workers.engine import EngineConfig, SamplingParams
 from workers.engine.build import build_engine
 from workers.rank import GangMember, start_rank
+from workers.rank.channel import MAX_HANDSHAKES
 from workers.wire import WireKey
 
 WAIT_S = 60
@@ -307,3 +309,35 @@ def test_a_router_without_the_key_gets_no_channel_and_says_so_once(ranks, caplog
     assert len(router) == 1 and "cannot authenticate with decode rank d0" in router[0]
     rank = lines("moe_cluster.rank")
     assert len(rank) == 2 and all("without proving it holds the key" in x for x in rank)
+
+
+def test_a_flood_of_silent_connections_is_capped_and_the_rank_serves_on(ranks, offline, caplog):
+    """MAX_HANDSHAKES connections that never say a word hold the rank's handshake slots; one
+    more is closed at once with one line; once they leave, routers connect and stream as ever."""
+    d0 = ranks["d0"]
+    host, port = "127.0.0.1", d0.address.port
+    silent = [socket.create_connection((host, port), timeout=WAIT_S) for _ in range(MAX_HANDSHAKES)]
+    try:
+        asyncio.run(_until(lambda: d0.channel._handshakes == MAX_HANDSHAKES, "slots taken"))
+        with (
+            caplog.at_level("WARNING", logger="moe_cluster.rank"),
+            socket.create_connection((host, port), timeout=WAIT_S) as extra,
+        ):
+            me = "{}:{}".format(*extra.getsockname()[:2])
+            assert extra.recv(1) == b""  # closed unanswered
+    finally:
+        for s in silent:
+            s.close()
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "moe_cluster.rank"]
+    assert f"from {me}: {MAX_HANDSHAKES} connections already authenticating" in line
+    asyncio.run(_until(lambda: d0.channel._handshakes == 0, "slots free again"))
+
+    async def main():
+        d = await _directory(ranks)
+        try:
+            return await _run(d, "after", PROMPTS[0])
+        finally:
+            d.close()
+
+    _, deltas = asyncio.run(asyncio.wait_for(main(), WAIT_S))
+    assert [t for x in deltas for t in x.token_ids] == offline[0].token_ids
