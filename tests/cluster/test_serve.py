@@ -8,6 +8,7 @@ Waits on the cluster's state poll GetClusterStatus with a deadline: ranks report
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import functools
@@ -35,6 +36,8 @@ from router.proto import inference_pb2_grpc as pbg
 from tests.cluster.shapes import two_stage_config
 from workers.engine import SamplingParams
 from workers.engine.build import build_engine
+from workers.messages import Fetch, Hello, KVData
+from workers.wire import WireError, WireKey, connect
 
 TOKEN = "s3cret-token"
 MAX_INFLIGHT = 8
@@ -561,3 +564,39 @@ def test_a_wiped_registry_is_refilled_and_requests_go_on(client):
         time.sleep(0.1)  # ranks re-publish every 0.5 s; bounded by the deadline
     out = client.complete("Once upon", max_tokens=4, temperature=0.0, ignore_eos=True)
     assert len(out.token_ids) == 4
+
+
+def test_the_wire_key_is_rays_token_and_without_it_a_deployment_secret(cluster, monkeypatch):
+    """This module's Ray runs with token auth, so the ranks' wire key derives from Ray's token:
+    this driver, holding the token, completes a KV pull with a live rank, a guessed key does
+    not, and no deployment secret was made in GCS. With Ray's auth off, every process of an app
+    gets one key from the app's secret in GCS (another app, another key), and the app's undeploy
+    (drop_registry) removes it."""
+    from cluster import wire_key as wk
+    from cluster.registry import NAMESPACE, RankListing, drop_registry, list_ranks
+
+    assert wk.ray_token_auth()
+    gcs = internal_kv_get_gcs_client()
+    assert gcs.internal_kv_get(f"{APP_NAME}/wire-secret".encode(), NAMESPACE) is None
+    rank = list_ranks(APP_NAME, RankListing())[0]
+
+    async def pull(key: WireKey) -> object:
+        stream = await connect(rank.host, rank.port, key)
+        try:
+            stream.send(Hello("kv:test"))
+            stream.send(Fetch("no-such-kv"))
+            return await stream.recv()
+        finally:
+            stream.close()
+
+    assert asyncio.run(pull(wk.wire_key(APP_NAME))) == KVData("no-such-kv", None)
+    with pytest.raises(WireError, match="failed authentication"):
+        asyncio.run(pull(WireKey.generate(APP_NAME)))
+
+    monkeypatch.setattr(wk, "ray_token_auth", lambda: False)
+    a1, a2, b = wk.wire_key("app-a"), wk.wire_key("app-a"), wk.wire_key("app-b")
+    assert a1.mac(b"x") == a2.mac(b"x") != b.mac(b"x")
+    assert len(gcs.internal_kv_get(b"app-a/wire-secret", NAMESPACE)) == 32
+    drop_registry("app-a")
+    drop_registry("app-b")
+    assert gcs.internal_kv_get(b"app-a/wire-secret", NAMESPACE) is None

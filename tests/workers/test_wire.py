@@ -12,8 +12,9 @@ import struct
 import pytest
 import torch
 
+from tests.attacks import Tap
 from workers.engine.engine import Resume
-from workers.engine.handoff import KVHandoff, KVLayout
+from workers.engine.handoff import KVHandoff, KVSpec
 from workers.engine.params import SamplingParams
 from workers.messages import (
     Abort,
@@ -94,17 +95,17 @@ def test_a_pickle_or_a_body_of_another_shape_is_refused_not_run():
 def test_a_kv_handoff_travels_as_raw_bytes_and_is_checked_against_the_layout(dtype):
     kv = [torch.randn(5, 3, 4).to(dtype) for _ in range(2)]
     h = KVHandoff("r", [1, 2, 3, 4, 5], 9, 1, SamplingParams(max_tokens=4), kv, None)
-    layout = KVLayout(2, (3, 4), dtype, max_tokens=64)
+    layout = KVSpec(2, (3, 4), dtype, max_tokens=64)
     got = from_payload(decode(encode(KVData("k", to_payload(h)))).handoff, layout)
     assert got.prompt_token_ids == h.prompt_token_ids and got.params == h.params
     assert all(torch.equal(a, b) for a, b in zip(got.kv, kv, strict=True))
 
     payload = to_payload(h)
     wrong = [
-        (KVLayout(3, (3, 4), dtype, 64), "2 layers, the model has 3"),
-        (KVLayout(2, (3, 5), dtype, 64), r"shape \[5, 3, 4\], this rank expects \[5, 3, 5\]"),
-        (KVLayout(2, (3, 4), torch.float16, 64), "this rank holds torch.float16"),
-        (KVLayout(2, (3, 4), dtype, 5), "5 prompt tokens"),
+        (KVSpec(3, (3, 4), dtype, 64), "2 layers, the model has 3"),
+        (KVSpec(2, (3, 5), dtype, 64), r"shape \[5, 3, 4\], this rank expects \[5, 3, 5\]"),
+        (KVSpec(2, (3, 4), torch.float16, 64), "this rank holds torch.float16"),
+        (KVSpec(2, (3, 4), dtype, 5), "5 prompt tokens"),
     ]
     for layout, why in wrong:
         with pytest.raises(WireError, match=why):
@@ -112,7 +113,7 @@ def test_a_kv_handoff_travels_as_raw_bytes_and_is_checked_against_the_layout(dty
     short = WireTensor(payload.kv[0].dtype, payload.kv[0].shape, b"\0" * 8)
     with pytest.raises(WireError, match="8 bytes for shape"):
         from_payload(
-            dataclasses.replace(payload, kv=[short, short]), KVLayout(2, (3, 4), dtype, 64)
+            dataclasses.replace(payload, kv=[short, short]), KVSpec(2, (3, 4), dtype, 64)
         )
 
 
@@ -241,40 +242,12 @@ def test_a_peer_that_stalls_in_the_handshake_is_dropped():
     assert _run(main()) == ["no handshake within 0.2 s"]
 
 
-class _Tap:
-    """A TCP proxy that records what the client sends: an on-path attacker's view."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.sent = bytearray()
-
-    async def __aenter__(self):
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc):
-        self.server.close()
-
-    async def _handle(self, c_reader, c_writer):
-        s_reader, s_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-
-        async def pipe(reader, writer, record):
-            while data := await reader.read(1 << 16):
-                if record:
-                    self.sent += data
-                writer.write(data)
-            writer.close()
-
-        await asyncio.gather(pipe(c_reader, s_writer, True), pipe(s_reader, c_writer, False))
-
-
 def test_a_recorded_session_replayed_is_refused():
     """Everything a real client sent (handshake and frames), replayed byte for byte on a new
     connection: the server's fresh nonce makes the recorded proof worthless."""
 
     async def main():
-        async with _Server(KEY) as srv, _Tap(srv.port) as tap:
+        async with _Server(KEY) as srv, Tap("127.0.0.1", srv.port) as tap:
             stream = await connect("127.0.0.1", tap.port, KEY)
             stream.send(Fetch("secret-kv"))
             assert await stream.recv() == Fetch("secret-kv")
@@ -301,7 +274,7 @@ def _frame(stream, body: bytes, number: int, flip: bool = False) -> bytes:
 @pytest.mark.parametrize("tamper", ["replay", "flip", "reorder"])
 def test_a_frame_replayed_altered_or_reordered_inside_a_session_closes_it(tamper):
     async def main():
-        async with _Server(KEY) as srv, _Tap(srv.port) as tap:
+        async with _Server(KEY) as srv, Tap("127.0.0.1", srv.port) as tap:
             stream = await connect("127.0.0.1", tap.port, KEY)
             stream.send(Abort("a"))
             assert await stream.recv() == Abort("a")  # the tap has seen all of it now

@@ -4,7 +4,7 @@ A prefill rank runs the prompt, samples the first token and exports the prompt's
 a decode rank imports them into its own blocks and continues from the first token. For MLA the
 entries are the compressed latent + rope key, so the handoff is small. Everything in it is plain
 CPU data; across processes it travels as a `KVPayload` (`workers/wire/kv.py`), checked against
-the receiver's `KVLayout`.
+the receiver's `KVSpec`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from workers.engine.params import SamplingParams
 
-__all__ = ["KVHandoff", "KVLayout"]
+__all__ = ["KVHandoff", "KVSpec"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class KVHandoff:
 
 
 @dataclass(frozen=True)
-class KVLayout:
+class KVSpec:
     """What a rank's KV cache entries look like: a handoff it imports must match."""
 
     num_layers: int
@@ -52,7 +52,7 @@ class KVLayout:
         return n
 
     @classmethod
-    def of(cls, engine) -> KVLayout:  # an Engine (not imported: engine.py imports this file)
+    def of(cls, engine) -> KVSpec:  # an Engine (not imported: engine.py imports this file)
         return cls(
             engine.model.num_layers,
             tuple(engine.model.kv_token_shape),

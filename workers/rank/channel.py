@@ -24,7 +24,7 @@ import logging
 import socket
 import threading
 
-from workers.engine.handoff import KVHandoff, KVLayout
+from workers.engine.handoff import KVHandoff, KVSpec
 from workers.messages import (
     PROTOCOL,
     Abort,
@@ -238,13 +238,13 @@ class ChannelServer:
             stream.close()
 
     @functools.cached_property
-    def kv_layout(self) -> KVLayout:
+    def kv_spec(self) -> KVSpec:
         """What a handoff this rank imports must look like."""
-        return KVLayout.of(self.rank.engine)
+        return KVSpec.of(self.rank.engine)
 
     async def _pull_then_submit(self, session: str, msg: Submit) -> None:
         assert msg.kv is not None
-        handoff = await self.transport.get(msg.kv, self.kv_layout)
+        handoff = await self.transport.get(msg.kv, self.kv_spec)
         cancelled = self._pending_kv.pop(msg.request_id, False)
         if cancelled or session not in self._sessions:
             return

@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Protocol
 
-from workers.engine.handoff import KVHandoff, KVLayout
+from workers.engine.handoff import KVHandoff, KVSpec
 from workers.messages import Fetch, Hello, KVData, KVRef
 from workers.wire import MAX_FRAME_BYTES, WireError, WireKey, connect
 from workers.wire.kv import from_payload
@@ -38,7 +38,7 @@ KV_FRAME_SLACK_BYTES = 1 << 20  # a KVData frame's fields around its tensors' by
 class KVTransport(Protocol):
     def put(self, handoff: KVHandoff, session: str) -> KVRef: ...
 
-    async def get(self, ref: KVRef, layout: KVLayout) -> KVHandoff | None: ...
+    async def get(self, ref: KVRef, layout: KVSpec) -> KVHandoff | None: ...
 
     def release(self, key: str) -> None: ...
 
@@ -99,7 +99,7 @@ class PeerKVTransport:
         key = self.store.put(handoff, session)
         return KVRef(self.host, self.port, key, handoff.num_bytes)
 
-    async def get(self, ref: KVRef, layout: KVLayout, timeout_s: float = 30.0) -> KVHandoff | None:
+    async def get(self, ref: KVRef, layout: KVSpec, timeout_s: float = 30.0) -> KVHandoff | None:
         """The handoff, checked against `layout`; None when its owner is gone, no longer has
         it, or sent something else (the decode rank then recomputes the prompt)."""
         if (ref.owner_host, ref.owner_port) == (self.host, self.port):

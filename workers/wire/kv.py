@@ -1,5 +1,5 @@
 """A `KVHandoff` to and from its wire form (`KVPayload`): tensors as raw bytes + dtype +
-shape, and on the way in every one checked against the receiving rank's `KVLayout` before a
+shape, and on the way in every one checked against the receiving rank's `KVSpec` before a
 byte becomes a tensor (layer count, dtype, shape, byte count, prompt length).
 """
 
@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from workers.engine.handoff import KVHandoff, KVLayout
+from workers.engine.handoff import KVHandoff, KVSpec
 from workers.messages import KVPayload, WireTensor
 from workers.wire.errors import WireError
 
@@ -47,7 +47,7 @@ def _from_wire(w: WireTensor, shape: list[int], dtype: torch.dtype, layer: int) 
     return torch.frombuffer(bytearray(w.data), dtype=dtype).view(shape)
 
 
-def from_payload(payload: KVPayload, layout: KVLayout) -> KVHandoff:
+def from_payload(payload: KVPayload, layout: KVSpec) -> KVHandoff:
     """The handoff in `payload`; WireError when it does not fit `layout`."""
     p = len(payload.prompt_token_ids)
     if not 0 < p < layout.max_tokens:
