@@ -7,7 +7,7 @@ TORCH_CPU := torch==2.13.0
 STAMP := $(VENV)/.installed
 TINY := .cache/tiny-deepseek_v3
 
-.PHONY: install kernels run test lint typecheck unit bench bench-peers gpu-check clean proto
+.PHONY: install kernels run test lint typecheck unit bench bench-peers gpu-check clean proto docs
 
 install: $(STAMP) kernels
 
@@ -46,6 +46,11 @@ test: lint unit
 # Regenerate router/proto/gen from the .proto files (commit the result; a test checks it is current).
 proto: install
 	$(BIN)/python router/proto/generate.py
+
+# Regenerate docs/configuration.md from cluster/config.py (commit the result; tests/test_docs.py
+# checks it is current).
+docs: install
+	$(BIN)/python -m cluster.config_reference
 
 bench: install
 	$(BIN)/python -m bench.offline
