@@ -2,13 +2,12 @@
 default, bounds and description, one table per section. `make docs` writes it; a test fails
 when the committed file differs from what this renders.
 
-    .venv/bin/python -m cluster.config_reference [--check]
+    .venv/bin/python -m cluster.config_reference
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import types
 import typing
 from pathlib import Path
@@ -143,21 +142,6 @@ def render() -> str:
     return "\n".join(out) + "\n"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 when the file is stale")
-    args = ap.parse_args()
-    text = render()
-    if args.check:
-        current = DOC_PATH.read_text() if DOC_PATH.exists() else ""
-        if current != text:
-            print(f"{DOC_PATH} is stale: run `make docs`", file=sys.stderr)
-            return 1
-        return 0
-    DOC_PATH.write_text(text)
-    print(f"wrote {DOC_PATH}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    DOC_PATH.write_text(render())
+    print(f"wrote {DOC_PATH}")

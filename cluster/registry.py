@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ __all__ = [
     "REPORT_PERIOD_S",
     "RankListing",
     "RankPublisher",
+    "deployment_secret",
     "drop_registry",
     "forget_rank",
     "gang_init_method",
@@ -153,6 +155,19 @@ def drop_registry(app: str) -> None:
     """Every entry of `app` (its undeploy)."""
     with contextlib.suppress(Exception):  # no Ray connected: nothing to drop
         _gcs().internal_kv_del(f"{app}/".encode(), True, NAMESPACE, GCS_TIMEOUT_S)
+
+
+def deployment_secret(app: str, num_bytes: int = 32) -> bytes:
+    """`app`'s random secret under `<app>/wire-secret`, made by the first process that asks
+    (put without overwrite, then read: every process reads the one that won); `drop_registry`
+    removes it with the rest of the app's keys."""
+    key = f"{app}/wire-secret".encode()
+    gcs = _gcs()
+    gcs.internal_kv_put(key, secrets.token_bytes(num_bytes), False, NAMESPACE, GCS_TIMEOUT_S)
+    secret = gcs.internal_kv_get(key, NAMESPACE, GCS_TIMEOUT_S)
+    if secret is None or len(secret) != num_bytes:
+        raise RuntimeError(f"the wire secret of {app!r} in GCS is missing or damaged")
+    return bytes(secret)
 
 
 def gang_init_method(app: str, gang_id: str, rank: int, timeout_s: float = 120.0) -> str:

@@ -13,16 +13,13 @@ application and different between applications:
 from __future__ import annotations
 
 import logging
-import secrets
 
+from cluster.registry import deployment_secret
 from workers.wire import WireKey
 
 __all__ = ["ray_token_auth", "wire_key"]
 
 log = logging.getLogger("moe_cluster")
-NAMESPACE = b"moe-cluster"  # cluster/registry.py's
-GCS_TIMEOUT_S = 10.0
-_SECRET_BYTES = 32
 
 
 def ray_token_auth() -> bool:
@@ -46,22 +43,6 @@ def _ray_token() -> bytes:
     return token.encode() if isinstance(token, str) else bytes(token)
 
 
-def _deployment_secret(app: str) -> bytes:
-    """`app`'s secret in GCS, made here when it is the first to ask (put without overwrite,
-    then read: every process reads the one that won)."""
-    from ray.experimental.internal_kv import internal_kv_get_gcs_client
-
-    gcs = internal_kv_get_gcs_client()
-    if gcs is None:
-        raise RuntimeError("the wire key needs a connected Ray (ray.init) in this process")
-    key = f"{app}/wire-secret".encode()
-    gcs.internal_kv_put(key, secrets.token_bytes(_SECRET_BYTES), False, NAMESPACE, GCS_TIMEOUT_S)
-    secret = gcs.internal_kv_get(key, NAMESPACE, GCS_TIMEOUT_S)
-    if secret is None or len(secret) != _SECRET_BYTES:
-        raise RuntimeError(f"the wire secret of {app!r} in GCS is missing or damaged")
-    return bytes(secret)
-
-
 def wire_key(app: str) -> WireKey:
     """The key every rank port and router of `app` uses (blocking: a GCS call without token
     auth)."""
@@ -72,4 +53,4 @@ def wire_key(app: str) -> WireKey:
         "code on it. The rank wire uses a per-deployment secret kept in GCS; set "
         "RAY_AUTH_MODE=token on every node (KubeRay: authOptions) to close Ray's ports too."
     )
-    return WireKey(_deployment_secret(app), context=app)
+    return WireKey(deployment_secret(app), context=app)

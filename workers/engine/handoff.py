@@ -9,6 +9,7 @@ the receiver's `KVSpec`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,10 +47,7 @@ class KVSpec:
     @property
     def token_bytes(self) -> int:
         """One token's entries over all layers, in bytes."""
-        n = self.num_layers * self.dtype.itemsize
-        for d in self.token_shape:
-            n *= d
-        return n
+        return self.num_layers * self.dtype.itemsize * math.prod(self.token_shape)
 
     @classmethod
     def of(cls, engine) -> KVSpec:  # an Engine (not imported: engine.py imports this file)

@@ -9,7 +9,7 @@ resort.
 
 `PeerKVTransport`, the CPU/cross-node implementation: the owner keeps the KV in its own memory
 and the decode rank pulls it over one authenticated connection to the owner's channel port
-(`Fetch`; `workers/wire`), checking what arrives against its own KV layout before importing it. Why
+(`Fetch`; `workers/wire`), checking what arrives against its own `KVSpec` before importing it. Why
 not the Ray object store: an `ObjectRef` handed through a non-Ray channel is either pinned until
 its owner dies (out-of-band serialization) or freed under the reader (wave 1's
 `ReferenceCountingAssertionError`). A GPU-direct transport (NCCL/NIXL) fits the same three calls.
@@ -38,7 +38,7 @@ KV_FRAME_SLACK_BYTES = 1 << 20  # a KVData frame's fields around its tensors' by
 class KVTransport(Protocol):
     def put(self, handoff: KVHandoff, session: str) -> KVRef: ...
 
-    async def get(self, ref: KVRef, layout: KVSpec) -> KVHandoff | None: ...
+    async def get(self, ref: KVRef, spec: KVSpec) -> KVHandoff | None: ...
 
     def release(self, key: str) -> None: ...
 
@@ -99,12 +99,12 @@ class PeerKVTransport:
         key = self.store.put(handoff, session)
         return KVRef(self.host, self.port, key, handoff.num_bytes)
 
-    async def get(self, ref: KVRef, layout: KVSpec, timeout_s: float = 30.0) -> KVHandoff | None:
-        """The handoff, checked against `layout`; None when its owner is gone, no longer has
+    async def get(self, ref: KVRef, spec: KVSpec, timeout_s: float = 30.0) -> KVHandoff | None:
+        """The handoff, checked against `spec`; None when its owner is gone, no longer has
         it, or sent something else (the decode rank then recomputes the prompt)."""
         if (ref.owner_host, ref.owner_port) == (self.host, self.port):
             return self.store.take(ref.key)
-        limit = min(MAX_FRAME_BYTES, layout.token_bytes * layout.max_tokens + KV_FRAME_SLACK_BYTES)
+        limit = min(MAX_FRAME_BYTES, spec.token_bytes * spec.max_tokens + KV_FRAME_SLACK_BYTES)
         owner = f"{ref.owner_host}:{ref.owner_port}"
         try:
             async with asyncio.timeout(timeout_s):
@@ -120,7 +120,7 @@ class PeerKVTransport:
                     stream.close()
             if not isinstance(reply, KVData) or reply.handoff is None:
                 return None
-            return from_payload(reply.handoff, layout)
+            return from_payload(reply.handoff, spec)
         except WireError as e:
             log.warning("KV pull from %s refused, recomputing the prompt: %s", owner, e)
             return None

@@ -27,6 +27,8 @@ __all__ = [
     "CHALLENGE_BYTES",
     "GREETING_BYTES",
     "MAC_BYTES",
+    "NONCE_BYTES",
+    "PROOF_BYTES",
     "WIRE_VERSION",
     "FrameKeys",
     "WireKey",
@@ -71,12 +73,6 @@ class WireKey:
 
     def __repr__(self) -> str:
         return "WireKey(<secret>)"
-
-    def __getstate__(self) -> bytes:  # travels inside Ray (authenticated), never logged
-        return self._key
-
-    def __setstate__(self, state: bytes) -> None:
-        self._key = state
 
 
 @dataclass(frozen=True)

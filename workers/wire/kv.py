@@ -47,19 +47,19 @@ def _from_wire(w: WireTensor, shape: list[int], dtype: torch.dtype, layer: int) 
     return torch.frombuffer(bytearray(w.data), dtype=dtype).view(shape)
 
 
-def from_payload(payload: KVPayload, layout: KVSpec) -> KVHandoff:
-    """The handoff in `payload`; WireError when it does not fit `layout`."""
+def from_payload(payload: KVPayload, spec: KVSpec) -> KVHandoff:
+    """The handoff in `payload`; WireError when it does not fit `spec`."""
     p = len(payload.prompt_token_ids)
-    if not 0 < p < layout.max_tokens:
+    if not 0 < p < spec.max_tokens:
         raise WireError(
-            f"a KV handoff of {p} prompt tokens (this rank takes 1..{layout.max_tokens - 1})"
+            f"a KV handoff of {p} prompt tokens (this rank takes 1..{spec.max_tokens - 1})"
         )
-    if len(payload.kv) != layout.num_layers:
+    if len(payload.kv) != spec.num_layers:
         raise WireError(
-            f"a KV handoff of {len(payload.kv)} layers, the model has {layout.num_layers}"
+            f"a KV handoff of {len(payload.kv)} layers, the model has {spec.num_layers}"
         )
-    shape = [p, *layout.token_shape]
-    kv = [_from_wire(w, shape, layout.dtype, i) for i, w in enumerate(payload.kv)]
+    shape = [p, *spec.token_shape]
+    kv = [_from_wire(w, shape, spec.dtype, i) for i, w in enumerate(payload.kv)]
     return KVHandoff(
         payload.request_id,
         payload.prompt_token_ids,

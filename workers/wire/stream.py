@@ -82,21 +82,14 @@ class WireStream:
     async def recv(self) -> Any:
         """The next message. ChannelClosed at EOF or reset; WireError (closing the
         connection) when the frame is oversized, forged, replayed or not one of ours."""
-        try:
-            (n,) = _LENGTH.unpack(await self.reader.readexactly(_LENGTH.size))
-            size = n - auth.MAC_BYTES
-            if not 0 < size <= self.max_frame_bytes:
-                too_big = WireError(
-                    f"a frame of {size} bytes (this connection takes 1..{self.max_frame_bytes})"
-                )
-            else:
-                too_big = None
-                frame = await self.reader.readexactly(n)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
-            raise ChannelClosed(str(e) or type(e).__name__) from None
-        if too_big is not None:
+        (n,) = _LENGTH.unpack(await self._read(_LENGTH.size))
+        size = n - auth.MAC_BYTES
+        if not 0 < size <= self.max_frame_bytes:
             self.close()
-            raise too_big
+            raise WireError(
+                f"a frame of {size} bytes (this connection takes 1..{self.max_frame_bytes})"
+            )
+        frame = await self._read(n)
         mac, body = frame[: auth.MAC_BYTES], memoryview(frame)[auth.MAC_BYTES :]
         if not auth.verify(auth.frame_mac(self._keys.recv, self._num_received, body), mac):
             self.close()
@@ -107,6 +100,12 @@ class WireStream:
         except WireError:
             self.close()
             raise
+
+    async def _read(self, n: int) -> bytes:
+        try:
+            return await self.reader.readexactly(n)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+            raise ChannelClosed(str(e) or type(e).__name__) from None
 
     def close(self) -> None:
         self.writer.close()
